@@ -16,3 +16,75 @@ META_OPENAPI = PROVIDERS / "meta-openapi"
 def anyio_backend() -> str:
     # databases and SQLAlchemy's asyncio layer are asyncio-only (notes/stack.md, gotcha 2).
     return "asyncio"
+
+
+# -- databases -------------------------------------------------------------------------------
+# A SQLite file per test, and the same tests on PostgreSQL when INVOICEIQ_TEST_POSTGRES_URL is
+# set (CI sets it). When it is set and the server is unreachable those tests FAIL: they never
+# skip, so a broken CI database cannot pass unnoticed.
+
+import os
+import secrets
+from collections.abc import AsyncIterator
+
+import anyio
+
+POSTGRES_URL = os.environ.get("INVOICEIQ_TEST_POSTGRES_URL", "").strip()
+DIALECTS = ["sqlite", "postgresql"] if POSTGRES_URL else ["sqlite"]
+
+
+async def make_pg_schema() -> str:
+    """A fresh schema on the test server; its name goes in ?search_path= of the URL."""
+    import asyncpg
+
+    name = f"iq_{secrets.token_hex(6)}"
+    conn = await asyncpg.connect(POSTGRES_URL)
+    try:
+        await conn.execute(f"CREATE SCHEMA {name}")
+    finally:
+        await conn.close()
+    return name
+
+
+async def drop_pg_schema(name: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(POSTGRES_URL)
+    try:
+        await conn.execute(f"DROP SCHEMA IF EXISTS {name} CASCADE")
+    finally:
+        await conn.close()
+
+
+def pg_url(schema: str) -> str:
+    sep = "&" if "?" in POSTGRES_URL else "?"
+    return f"{POSTGRES_URL}{sep}search_path={schema}"
+
+
+@pytest.fixture(params=DIALECTS)
+async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'invoiceiq.db'}"
+        return
+    schema = await make_pg_schema()
+    try:
+        yield pg_url(schema)
+    finally:
+        await drop_pg_schema(schema)
+
+
+@pytest.fixture
+async def store(database_url: str) -> AsyncIterator["Store"]:
+    """An open, migrated store with its writer running."""
+    from invoiceiq.store import Store
+
+    st = Store(database_url)
+    await st.open()
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(st.run_writer)
+            await st.migrate()
+            yield st
+            tg.cancel_scope.cancel()
+    finally:
+        await st.close()

@@ -1,0 +1,345 @@
+"""Connections and transactions on top of ``databases`` (aiosqlite or asyncpg).
+
+The rules from notes/stack.md are applied here once, so no other module has to know them:
+
+* every connection is *held* (``databases`` opens a connection and a thread per query
+  otherwise, and loses per-connection PRAGMAs);
+* SQLite writes go through one ``GroupCommitWriter`` that runs queued jobs in one
+  transaction, one SAVEPOINT each, and commits (one fsync) for the whole group;
+* PostgreSQL jobs each get a pooled connection and their own transaction, retried on
+  serialization failures and on ``Conflict`` (a lost compare-and-set);
+* a job never starts child tasks (a ``databases`` transaction belongs to one task).
+
+A *job* is ``async def job(tx: Tx) -> T``: it runs SQL through ``tx`` and nothing else (no
+provider calls), so that holding the write lock for it is cheap.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import parse_qsl, urlsplit
+from typing import Any, Literal, TypeVar
+
+import anyio
+import databases
+from anyio.abc import ObjectReceiveStream, ObjectSendStream
+
+from ..observability import get_logger
+
+T = TypeVar("T")
+Dialect = Literal["sqlite", "postgresql"]
+log = get_logger(__name__)
+
+
+class StoreError(Exception):
+    """The database could not do what was asked (unreachable, read-only, locked...)."""
+
+
+class Conflict(Exception):
+    """A compare-and-set lost a race; the whole job is safe to run again."""
+
+
+class Tx:
+    """One transaction on one held connection: the only object through which SQL runs."""
+
+    __slots__ = ("_conn", "dialect")
+
+    def __init__(self, conn: databases.core.Connection, dialect: Dialect) -> None:
+        self._conn = conn
+        self.dialect = dialect
+
+    async def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
+        await self._conn.execute(sql, dict(params) if params else None)
+
+    async def one(self, sql: str, params: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+        row = await self._conn.fetch_one(sql, dict(params) if params else None)
+        return None if row is None else dict(row._mapping)
+
+    async def all(self, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+        rows = await self._conn.fetch_all(sql, dict(params) if params else None)
+        return [dict(r._mapping) for r in rows]
+
+    async def val(self, sql: str, params: Mapping[str, Any] | None = None) -> Any:
+        row = await self._conn.fetch_one(sql, dict(params) if params else None)
+        return None if row is None else next(iter(row._mapping.values()))
+
+
+Job = Callable[[Tx], Awaitable[T]]
+
+
+def normalise_url(url: str) -> tuple[Dialect, str]:
+    if url.startswith(("postgresql://", "postgres://", "postgresql+asyncpg://")):
+        return "postgresql", re.sub(r"^postgres(ql)?(\+asyncpg)?://", "postgresql://", url)
+    if url.startswith(("sqlite://", "sqlite+aiosqlite://")):
+        return "sqlite", url.replace("sqlite+aiosqlite://", "sqlite://", 1)
+    raise ValueError(f"unsupported database url scheme: {url.split(':', 1)[0]}")
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file behind a ``sqlite:///path`` URL (None for in-memory databases)."""
+    path = url.split("://", 1)[1]
+    path = path[1:] if path.startswith("/") else path
+    path = path.split("?", 1)[0]
+    if not path or path == ":memory:" or "mode=memory" in url:
+        return None
+    return Path(path)
+
+
+@dataclass
+class _Pending:
+    job: Job[Any]
+    done: anyio.Event = field(default_factory=anyio.Event)
+    result: Any = None
+    error: BaseException | None = None
+
+
+class GroupCommitWriter:
+    """The single SQLite writer: many queued jobs, one transaction, one fsync.
+
+    Each job runs inside its own SAVEPOINT, so a job that fails (a constraint, a bug) is
+    rolled back alone and its caller gets the exception, while the rest of the group commits.
+    A caller's ``submit`` returns only after the COMMIT: durable before acknowledged.
+    """
+
+    def __init__(self, conn: databases.core.Connection, max_batch: int = 256, depth: int = 4096) -> None:
+        self._conn = conn
+        self._tx = Tx(conn, "sqlite")
+        self._max_batch = max_batch
+        self._send: ObjectSendStream[_Pending]
+        self._recv: ObjectReceiveStream[_Pending]
+        self._send, self._recv = anyio.create_memory_object_stream[_Pending](depth)
+        self.commits = 0
+        self.last_error: str | None = None
+
+    async def submit(self, job: Job[T]) -> T:
+        pending = _Pending(job)
+        await self._send.send(pending)
+        # Shielded: once queued, the job will run; the caller waits for its outcome even if
+        # it is being cancelled, so that nobody mistakes "queued" for "not done".
+        with anyio.CancelScope(shield=True):
+            await pending.done.wait()
+        if pending.error is not None:
+            raise pending.error
+        return pending.result
+
+    async def run(self) -> None:
+        async with self._recv:
+            async for first in self._recv:
+                batch = [first]
+                while len(batch) < self._max_batch:
+                    try:
+                        batch.append(self._recv.receive_nowait())
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
+                with anyio.CancelScope(shield=True):
+                    await self._run_batch(batch)
+
+    def close(self) -> None:
+        self._send.close()
+
+    async def _run_batch(self, batch: list[_Pending]) -> None:
+        conn = self._conn
+        try:
+            await conn.execute("BEGIN IMMEDIATE")
+        except Exception as exc:
+            self._fail_all(batch, exc)
+            return
+        for index, item in enumerate(batch):
+            savepoint = f"j{index}"
+            try:
+                await conn.execute(f"SAVEPOINT {savepoint}")
+                item.result = await item.job(self._tx)
+                await conn.execute(f"RELEASE {savepoint}")
+            except Exception as exc:  # noqa: BLE001 - the job's caller receives it
+                item.error = exc
+                try:
+                    await conn.execute(f"ROLLBACK TO {savepoint}")
+                    await conn.execute(f"RELEASE {savepoint}")
+                except Exception as inner:  # the transaction itself is broken
+                    await self._rollback()
+                    self._fail_all(batch, inner)
+                    return
+        try:
+            await conn.execute("COMMIT")
+        except Exception as exc:
+            await self._rollback()
+            self._fail_all(batch, exc)
+            return
+        self.commits += 1
+        self.last_error = None
+        for item in batch:
+            item.done.set()
+
+    async def _rollback(self) -> None:
+        try:
+            await self._conn.execute("ROLLBACK")
+        except Exception:  # noqa: BLE001 - nothing left to undo
+            pass
+
+    def _fail_all(self, batch: list[_Pending], exc: BaseException) -> None:
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        log.error("db_write_failed", error=self.last_error, jobs=len(batch))
+        for item in batch:
+            item.result = None
+            item.error = StoreError(self.last_error)
+            item.done.set()
+
+
+_RETRYABLE_PG = ("SerializationError", "DeadlockDetectedError")
+
+
+class Database:
+    """The store's connections: a writer path and a reader path for either dialect."""
+
+    def __init__(self, url: str, *, readers: int = 3, pg_pool: int = 10, pg_options: Mapping[str, Any] | None = None) -> None:
+        self.dialect, self.url = normalise_url(url)
+        self._readers_n = readers
+        if self.dialect == "sqlite":
+            # databases passes unknown options to sqlite3.connect: wait for locks rather than fail.
+            self._db = databases.Database(self.url, timeout=30)
+        else:
+            options = dict(pg_options or {})
+            # databases drops the URL's query; keep the server settings it may carry (a schema
+            # through ?search_path=..., an application_name) by passing them to asyncpg.
+            query = dict(parse_qsl(urlsplit(self.url).query))
+            server_settings = {k: v for k, v in query.items() if k in ("search_path", "application_name")}
+            server_settings.setdefault("application_name", "invoiceiq")
+            options.setdefault("server_settings", server_settings)
+            self._db = databases.Database(self.url, min_size=1, max_size=pg_pool, **options)
+        self._writer: GroupCommitWriter | None = None
+        self._writer_conn: databases.core.Connection | None = None
+        self._reader_conns: list[databases.core.Connection] = []
+        self._readers: ObjectReceiveStream[databases.core.Connection] | None = None
+        self._reader_return: ObjectSendStream[databases.core.Connection] | None = None
+        self._pg_slots = anyio.Semaphore(pg_pool)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        if self.dialect == "sqlite":
+            path = sqlite_file(self.url)
+            if path is not None and path.parent and not path.parent.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            await self._db.connect()
+            if self.dialect == "sqlite":
+                await self._open_sqlite()
+        except Exception as exc:
+            raise StoreError(f"cannot open database: {type(exc).__name__}: {exc}") from exc
+
+    async def _open_sqlite(self) -> None:
+        self._writer_conn = await self._held()
+        for pragma in ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=FULL",
+                       "PRAGMA foreign_keys=ON", "PRAGMA busy_timeout=5000"):
+            await self._writer_conn.execute(pragma)
+        self._writer = GroupCommitWriter(self._writer_conn)
+        send, recv = anyio.create_memory_object_stream[databases.core.Connection](self._readers_n)
+        self._reader_return, self._readers = send, recv
+        for _ in range(self._readers_n):
+            conn = await self._held()
+            await conn.execute("PRAGMA busy_timeout=5000")
+            await conn.execute("PRAGMA query_only=1")
+            self._reader_conns.append(conn)
+            send.send_nowait(conn)
+
+    async def _held(self) -> databases.core.Connection:
+        conn = databases.core.Connection(self._db, self._db._backend)
+        await conn.__aenter__()
+        return conn
+
+    async def disconnect(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        for conn in [self._writer_conn, *self._reader_conns]:
+            if conn is not None:
+                try:
+                    await conn.__aexit__(None, None, None)
+                except Exception:  # noqa: BLE001 - closing anyway
+                    pass
+        self._reader_conns.clear()
+        self._writer_conn = None
+        try:
+            await self._db.disconnect()
+        except Exception:  # noqa: BLE001
+            pass
+
+    async def run_writer(self) -> None:
+        """The SQLite writer's loop (a supervised task); returns at once on PostgreSQL."""
+        if self._writer is not None:
+            await self._writer.run()
+
+    @property
+    def writer_error(self) -> str | None:
+        return self._writer.last_error if self._writer is not None else None
+
+    # -- jobs --------------------------------------------------------------------------------
+
+    async def write(self, job: Job[T], *, retries: int = 5) -> T:
+        """Run ``job`` in a write transaction; ``Conflict`` (and PG serialization errors)
+        re-run it from the start."""
+        for attempt in range(retries + 1):
+            try:
+                if self._writer is not None:
+                    return await self._writer.submit(job)
+                return await self._pg_write(job)
+            except Conflict:
+                if attempt == retries:
+                    raise
+            except StoreError:
+                raise
+            except Exception as exc:
+                if self.dialect == "postgresql" and type(exc).__name__ in _RETRYABLE_PG and attempt < retries:
+                    await anyio.sleep(0.005 * (2**attempt))
+                    continue
+                if _is_connection_error(exc):
+                    raise StoreError(f"{type(exc).__name__}: {exc}") from exc
+                raise
+            await anyio.sleep(0.002 * (2**attempt))
+        raise AssertionError("unreachable")
+
+    async def read(self, job: Job[T]) -> T:
+        """Run ``job`` outside a write transaction (it must not write)."""
+        try:
+            if self._readers is not None and self._reader_return is not None:
+                conn = await self._readers.receive()
+                try:
+                    return await job(Tx(conn, "sqlite"))
+                finally:
+                    self._reader_return.send_nowait(conn)
+            async with self._pg_slots:
+                async with databases.core.Connection(self._db, self._db._backend) as conn:
+                    return await job(Tx(conn, "postgresql"))
+        except (Conflict, StoreError):
+            raise
+        except Exception as exc:
+            if _is_connection_error(exc):
+                raise StoreError(f"{type(exc).__name__}: {exc}") from exc
+            raise
+
+    async def _pg_write(self, job: Job[T]) -> T:
+        async with self._pg_slots:
+            # A fresh Connection object per job: databases keys connections by task, and a job
+            # must own its connection and transaction outright.
+            conn = databases.core.Connection(self._db, self._db._backend)
+            async with conn:
+                async with conn.transaction():
+                    return await job(Tx(conn, "postgresql"))
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    name = type(exc).__name__
+    module = type(exc).__module__
+    if isinstance(exc, (OSError, ConnectionError)):
+        return True
+    if module.startswith("asyncpg") and (
+        "Connection" in name or "CannotConnectNow" in name or "InterfaceError" in name
+        or "AdminShutdown" in name or "TooManyConnections" in name):
+        return True
+    if module.startswith("sqlite3") or name in ("OperationalError", "DatabaseError"):
+        text = str(exc).lower()
+        return any(w in text for w in ("readonly", "read-only", "locked", "disk", "unable to open", "i/o"))
+    return False
+

@@ -1,0 +1,84 @@
+"""The inbox: every provider event (and internal request) stored, deduped, then processed.
+
+``put`` is the webhook's "durable before acknowledged" write and its dedupe in one atomic
+statement: the ``(source, event_id)`` unique key decides which delivery is the first.
+The owning actor calls ``mark_processed`` in the same transaction as the state change the
+event causes, so an event is applied exactly once even across restarts and processes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .db import Tx
+from .jsonio import dumps, loads
+
+
+@dataclass(frozen=True, slots=True)
+class InboxEvent:
+    seq: int
+    source: str
+    event_id: str
+    actor: str
+    actor_key: str
+    kind: str
+    payload: dict[str, Any]
+    received_at_ms: int
+
+
+def _event(row: dict[str, Any]) -> InboxEvent:
+    return InboxEvent(
+        seq=int(row["seq"]), source=row["source"], event_id=row["event_id"], actor=row["actor"],
+        actor_key=row["actor_key"], kind=row["kind"], payload=loads(row["payload"]) or {},
+        received_at_ms=int(row["received_at_ms"]),
+    )
+
+
+async def put(
+    tx: Tx,
+    *,
+    source: str,
+    event_id: str,
+    actor: str,
+    actor_key: str,
+    kind: str,
+    payload: dict[str, Any],
+    now_ms: int,
+) -> int | None:
+    """Store the event; its ``seq`` if it is new, None if this id was seen before."""
+    return await tx.val(
+        "INSERT INTO inbox (source, event_id, actor, actor_key, kind, payload, received_at_ms)"
+        " VALUES (:src, :eid, :actor, :key, :kind, :payload, :now)"
+        " ON CONFLICT (source, event_id) DO NOTHING RETURNING seq",
+        {"src": source, "eid": event_id, "actor": actor, "key": actor_key, "kind": kind,
+         "payload": dumps(payload), "now": now_ms},
+    )
+
+
+async def pending(tx: Tx, actor: str, actor_key: str, limit: int = 100) -> list[InboxEvent]:
+    rows = await tx.all(
+        "SELECT * FROM inbox WHERE actor = :actor AND actor_key = :key AND processed_at_ms IS NULL"
+        " ORDER BY seq LIMIT :lim", {"actor": actor, "key": actor_key, "lim": limit})
+    return [_event(r) for r in rows]
+
+
+async def mark_processed(tx: Tx, seq: int, now_ms: int) -> bool:
+    """True for the one caller that processes the event; False if another already did."""
+    row = await tx.one(
+        "UPDATE inbox SET processed_at_ms = :now WHERE seq = :seq AND processed_at_ms IS NULL RETURNING seq",
+        {"now": now_ms, "seq": seq})
+    return row is not None
+
+
+async def unprocessed_keys(tx: Tx, received_before_ms: int, limit: int = 500) -> list[tuple[str, str]]:
+    """(actor, key) pairs with events still waiting: what a restart (or a sweep) must resume."""
+    rows = await tx.all(
+        "SELECT actor, actor_key, MIN(seq) AS first FROM inbox WHERE processed_at_ms IS NULL"
+        " AND received_at_ms <= :before GROUP BY actor, actor_key ORDER BY first LIMIT :lim",
+        {"before": received_before_ms, "lim": limit})
+    return [(r["actor"], r["actor_key"]) for r in rows]
+
+
+async def count_unprocessed(tx: Tx) -> int:
+    return int(await tx.val("SELECT COUNT(*) FROM inbox WHERE processed_at_ms IS NULL") or 0)

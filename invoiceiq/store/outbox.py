@@ -1,0 +1,181 @@
+"""The outbox: every send is a row before it is attempted.
+
+Rows are claimed with one atomic UPDATE (on PostgreSQL its subquery takes ``FOR UPDATE SKIP
+LOCKED``), only the oldest unfinished row of each recipient is claimable (so messages reach a
+person in the order they were written), and a claim is a lease: a process that dies while
+sending leaves a row that another claim picks up once the lease has run out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..core.model import Channel, Direction
+from . import messages
+from .db import Tx
+from .jsonio import dumps, loads
+
+# Delivery states only move forward (statuses arrive out of order and twice).
+RANK = {"PENDING": 0, "SENDING": 1, "SENT": 2, "DELIVERED": 3, "READ": 4, "FAILED": 5, "CANCELLED": 5}
+UNFINISHED = ("PENDING", "SENDING")
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    id: int
+    recipient: str
+    channel: Channel
+    kind: str
+    invoice_id: str | None
+    content: dict[str, Any]
+    status: str
+    attempts: int
+    next_attempt_at_ms: int
+    provider_message_id: str | None
+    last_error: str | None
+    fallback_of: int | None
+    created_at_ms: int
+
+
+def _row(r: dict[str, Any]) -> OutboxRow:
+    return OutboxRow(
+        id=int(r["id"]), recipient=r["recipient"], channel=Channel(r["channel"]), kind=r["kind"],
+        invoice_id=r["invoice_id"], content=loads(r["content"]) or {}, status=r["status"],
+        attempts=int(r["attempts"]), next_attempt_at_ms=int(r["next_attempt_at_ms"]),
+        provider_message_id=r["provider_message_id"], last_error=r["last_error"],
+        fallback_of=r["fallback_of"], created_at_ms=int(r["created_at_ms"]),
+    )
+
+
+async def enqueue(
+    tx: Tx,
+    *,
+    recipient: str,
+    channel: Channel,
+    kind: str,
+    content: dict[str, Any],
+    now_ms: int,
+    invoice_id: str | None = None,
+    dedupe_key: str | None = None,
+    fallback_of: int | None = None,
+) -> int | None:
+    """Queue a send (and log it as ``queued``); None if ``dedupe_key`` was queued before."""
+    row_id = await tx.val(
+        "INSERT INTO outbox (recipient, channel, kind, invoice_id, content, status, next_attempt_at_ms,"
+        " dedupe_key, fallback_of, created_at_ms, updated_at_ms)"
+        " VALUES (:to, :ch, :kind, :inv, :content, 'PENDING', :now, :dk, :fb, :now, :now)"
+        " ON CONFLICT (dedupe_key) DO NOTHING RETURNING id",
+        {"to": recipient, "ch": channel.value, "kind": kind, "inv": invoice_id,
+         "content": dumps(content), "now": now_ms, "dk": dedupe_key, "fb": fallback_of},
+    )
+    if row_id is None:
+        return None
+    await messages.log_message(
+        tx, channel=channel, direction=Direction.OUT, event="queued", invoice_id=invoice_id,
+        payload={"outbox_id": int(row_id), "kind": kind, "to": recipient, "content": content})
+    return int(row_id)
+
+
+async def claim_due(tx: Tx, *, now_ms: int, limit: int, worker: str, lease_ms: int) -> list[OutboxRow]:
+    """Claim up to ``limit`` sendable rows: due, not leased, first unfinished for their recipient."""
+    skip_locked = " FOR UPDATE SKIP LOCKED" if tx.dialect == "postgresql" else ""
+    rows = await tx.all(
+        "UPDATE outbox SET status = 'SENDING', claimed_until_ms = :lease, claimed_by = :w,"
+        " attempts = attempts + 1, updated_at_ms = :now"
+        " WHERE id IN (SELECT o.id FROM outbox o"
+        "  WHERE ((o.status = 'PENDING' AND o.next_attempt_at_ms <= :now)"
+        "      OR (o.status = 'SENDING' AND o.claimed_until_ms < :now))"
+        "   AND NOT EXISTS (SELECT 1 FROM outbox p WHERE p.recipient = o.recipient AND p.id < o.id"
+        "      AND p.status IN ('PENDING','SENDING'))"
+        f"  ORDER BY o.id LIMIT :lim{skip_locked})"
+        " RETURNING *",
+        {"lease": now_ms + lease_ms, "w": worker, "now": now_ms, "lim": limit},
+    )
+    return sorted((_row(r) for r in rows), key=lambda r: r.id)
+
+
+async def mark_sent(tx: Tx, row_id: int, provider_message_id: str | None, now_ms: int) -> bool:
+    """SENDING -> SENT (the provider accepted it). False if the claim was lost meanwhile."""
+    done = await tx.one(
+        "UPDATE outbox SET status = 'SENT', provider_message_id = :pid, sent_at_ms = :now,"
+        " claimed_until_ms = NULL, last_error = NULL, updated_at_ms = :now"
+        " WHERE id = :id AND status = 'SENDING' RETURNING id",
+        {"pid": provider_message_id, "now": now_ms, "id": row_id})
+    return done is not None
+
+
+async def mark_retry(tx: Tx, row_id: int, error: str, next_at_ms: int, now_ms: int, *, refund_attempt: bool = False) -> None:
+    """Back to PENDING until ``next_at_ms``; ``refund_attempt`` when the failure was not the
+    message's fault (the channel's credentials are broken), so its retries are not burnt."""
+    refund = " - 1" if refund_attempt else ""
+    await tx.execute(
+        f"UPDATE outbox SET status = 'PENDING', attempts = attempts{refund}, next_attempt_at_ms = :next,"
+        " claimed_until_ms = NULL, last_error = :err, updated_at_ms = :now"
+        " WHERE id = :id AND status = 'SENDING'",
+        {"next": next_at_ms, "err": error[:500], "now": now_ms, "id": row_id})
+
+
+async def mark_failed(tx: Tx, row_id: int, error: str, now_ms: int) -> bool:
+    done = await tx.one(
+        "UPDATE outbox SET status = 'FAILED', claimed_until_ms = NULL, last_error = :err, updated_at_ms = :now"
+        " WHERE id = :id AND status IN ('PENDING','SENDING','SENT','DELIVERED') RETURNING id",
+        {"err": error[:500], "now": now_ms, "id": row_id})
+    return done is not None
+
+
+async def advance_status(tx: Tx, provider_message_id: str, status: str, now_ms: int, error: str | None = None) -> OutboxRow | None:
+    """Move the row sent as ``provider_message_id`` forward to ``status`` (never backwards).
+
+    Returns the row as it is now if it moved, None if it did not (unknown id, duplicate, or
+    an older status arriving late)."""
+    rank = RANK[status]
+    moved = await tx.one(
+        "UPDATE outbox SET status = :st, last_error = COALESCE(:err, last_error), updated_at_ms = :now"
+        " WHERE provider_message_id = :pid AND (CASE status"
+        "  WHEN 'PENDING' THEN 0 WHEN 'SENDING' THEN 1 WHEN 'SENT' THEN 2 WHEN 'DELIVERED' THEN 3"
+        "  WHEN 'READ' THEN 4 ELSE 5 END) < :rank RETURNING *",
+        {"st": status, "err": error, "now": now_ms, "pid": provider_message_id, "rank": rank})
+    return _row(moved) if moved else None
+
+
+async def by_provider_id(tx: Tx, provider_message_id: str) -> OutboxRow | None:
+    row = await tx.one("SELECT * FROM outbox WHERE provider_message_id = :pid", {"pid": provider_message_id})
+    return _row(row) if row else None
+
+
+async def get(tx: Tx, row_id: int) -> OutboxRow | None:
+    row = await tx.one("SELECT * FROM outbox WHERE id = :id", {"id": row_id})
+    return _row(row) if row else None
+
+
+async def cancel_pending_for_invoice(tx: Tx, invoice_id: str, kinds: tuple[str, ...], now_ms: int) -> int:
+    """Drop queued sends that no longer make sense (a reminder for a cancelled invoice)."""
+    placeholders = ", ".join(f":k{i}" for i in range(len(kinds)))
+    params: dict[str, Any] = {f"k{i}": k for i, k in enumerate(kinds)}
+    params.update({"inv": invoice_id, "now": now_ms})
+    rows = await tx.all(
+        f"UPDATE outbox SET status = 'CANCELLED', updated_at_ms = :now WHERE invoice_id = :inv"
+        f" AND status = 'PENDING' AND kind IN ({placeholders}) RETURNING id", params)
+    return len(rows)
+
+
+async def next_due_ms(tx: Tx) -> int | None:
+    """When the next row becomes claimable (pending retry, or a lease running out)."""
+    return await tx.val(
+        "SELECT MIN(CASE WHEN status = 'PENDING' THEN next_attempt_at_ms ELSE claimed_until_ms END)"
+        " FROM outbox WHERE status IN ('PENDING','SENDING')")
+
+
+async def pending_count(tx: Tx) -> int:
+    return int(await tx.val("SELECT COUNT(*) FROM outbox WHERE status IN ('PENDING','SENDING')") or 0)
+
+
+async def for_invoice(tx: Tx, invoice_id: str) -> list[OutboxRow]:
+    rows = await tx.all("SELECT * FROM outbox WHERE invoice_id = :inv ORDER BY id", {"inv": invoice_id})
+    return [_row(r) for r in rows]
+
+
+async def for_recipient(tx: Tx, recipient: str) -> list[OutboxRow]:
+    rows = await tx.all("SELECT * FROM outbox WHERE recipient = :to ORDER BY id", {"to": recipient})
+    return [_row(r) for r in rows]
