@@ -1,0 +1,190 @@
+"""The actor runtime: supervision with restarts, keyed actors with idle retirement, backpressure."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from invoiceiq.actors.runtime import Mailbox, Registry, Supervisor, Waker, backoff_s
+from invoiceiq.clock import ManualClock
+from invoiceiq.observability import Metrics
+
+pytestmark = pytest.mark.anyio
+
+
+async def eventually(predicate, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    with anyio.fail_after(timeout):
+        while not predicate():
+            await anyio.sleep(0.005)
+
+
+async def test_supervisor_restarts_a_crashed_actor_with_backoff() -> None:
+    metrics = Metrics()
+    runs: list[float] = []
+
+    async def flaky() -> None:
+        runs.append(anyio.current_time())
+        if len(runs) < 3:
+            raise RuntimeError("crash")
+        await anyio.sleep_forever()
+
+    async with anyio.create_task_group() as tg:
+        sup = Supervisor(tg, metrics, backoff_base_s=0.05, backoff_max_s=1.0)
+        sup.start("flaky", flaky)
+        await eventually(lambda: len(runs) == 3 and sup.actors["flaky"].state == "running")
+        status = sup.actors["flaky"]
+        assert status.restarts == 2 and "RuntimeError" in (status.last_error or "")
+        assert sup.failing() == []
+        # Exponential: the second wait is about twice the first (jitter is +/-20%).
+        first, second = runs[1] - runs[0], runs[2] - runs[1]
+        assert first >= 0.035 and second >= 1.5 * 0.8 * first
+        assert metrics.actor_restarts.labels("flaky")._value.get() == 2
+        tg.cancel_scope.cancel()
+
+
+async def test_supervisor_reports_a_restarting_actor_as_failing() -> None:
+    async def always_crash() -> None:
+        raise ValueError("nope")
+
+    async with anyio.create_task_group() as tg:
+        sup = Supervisor(tg, backoff_base_s=10, backoff_max_s=10)
+        sup.start("broken", always_crash)
+        await eventually(lambda: sup.actors["broken"].restarts == 1)
+        assert sup.failing() == ["broken"]
+        tg.cancel_scope.cancel()
+
+
+def test_backoff_grows_and_caps() -> None:
+    assert backoff_s(1, 1, 100, jitter=0) == 1
+    assert backoff_s(4, 1, 100, jitter=0) == 8
+    assert backoff_s(20, 1, 100, jitter=0) == 100
+    assert 0.8 <= backoff_s(1, 1, 100) <= 1.2
+
+
+async def test_registry_spawns_per_key_and_retires_idle_actors() -> None:
+    seen: list[tuple[str, int]] = []
+
+    async def handler(key: str, message: int) -> None:
+        seen.append((key, message))
+
+    reg: Registry[int] = Registry("test", handler, idle_s=0.1)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(reg.run)
+        for i in range(3):
+            await reg.send("a", i)
+            await reg.send("b", i)
+        await eventually(lambda: len(seen) == 6)
+        assert [m for k, m in seen if k == "a"] == [0, 1, 2]
+        assert len(reg) == 2 and reg.spawned == 2
+        # Quiet conversations cost no task: both retire.
+        await eventually(lambda: len(reg) == 0)
+        assert reg.retired == 2
+        # A new message brings the actor back.
+        await reg.send("a", 9)
+        await eventually(lambda: ("a", 9) in seen)
+        assert reg.spawned == 3
+        tg.cancel_scope.cancel()
+
+
+async def test_registry_never_loses_a_message_around_retirement() -> None:
+    got: list[int] = []
+
+    async def handler(key: str, message: int) -> None:
+        got.append(message)
+
+    # An idle time so short that actors retire between almost every message.
+    reg: Registry[int] = Registry("race", handler, idle_s=0.0005, mailbox_size=1)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(reg.run)
+        for i in range(300):
+            await reg.send("k", i)
+            if i % 7 == 0:
+                await anyio.sleep(0.002)
+        await eventually(lambda: len(got) == 300)
+        assert got == list(range(300))
+        assert reg.retired > 1
+        tg.cancel_scope.cancel()
+
+
+async def test_backpressure_waits_instead_of_dropping() -> None:
+    release = anyio.Event()
+    handled: list[int] = []
+
+    async def slow(key: str, message: int) -> None:
+        await release.wait()
+        handled.append(message)
+
+    reg: Registry[int] = Registry("slow", slow, mailbox_size=2, idle_s=60)
+    sent: list[int] = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(reg.run)
+
+        async def producer() -> None:
+            for i in range(10):
+                await reg.send("k", i)
+                sent.append(i)
+
+        tg.start_soon(producer)
+        # One message in the handler, two in the mailbox: the producer is held at the fourth.
+        await eventually(lambda: len(sent) == 3)
+        await eventually(lambda: reg._actors["k"].mailbox.waiting_senders == 1)
+        assert len(sent) == 3 and reg._actors["k"].mailbox.queued == 2
+        release.set()
+        await eventually(lambda: len(handled) == 10)
+        assert handled == list(range(10))
+        tg.cancel_scope.cancel()
+
+
+async def test_a_crashing_handler_is_restarted_and_other_keys_go_on() -> None:
+    got: list[str] = []
+
+    async def handler(key: str, message: str) -> None:
+        if message == "bad":
+            raise RuntimeError("handler crash")
+        got.append(f"{key}:{message}")
+
+    reg: Registry[str] = Registry("crashy", handler, backoff_base_s=0.01)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(reg.run)
+        await reg.send("a", "bad")
+        await reg.send("a", "ok")
+        await reg.send("b", "ok")
+        await eventually(lambda: sorted(got) == ["a:ok", "b:ok"])
+        tg.cancel_scope.cancel()
+
+
+async def test_mailbox_is_bounded() -> None:
+    box: Mailbox[int] = Mailbox(2)
+    box.send_nowait(1)
+    box.send_nowait(2)
+    with pytest.raises(anyio.WouldBlock):
+        box.send_nowait(3)
+    assert box.queued == 2 and box.receive_nowait() == 1
+
+
+async def test_waker_wakes_on_news_or_at_the_deadline() -> None:
+    clock = ManualClock()
+    waker = Waker()
+    woke: list[str] = []
+
+    async with anyio.create_task_group() as tg:
+        async def sleeper() -> None:
+            await waker.wait(clock, clock.now_ms() + 1000)
+            woke.append("first")
+            await waker.wait(clock, clock.now_ms() + 1000)
+            woke.append("second")
+
+        tg.start_soon(sleeper)
+        await anyio.sleep(0.01)
+        assert woke == []
+        waker.wake()
+        await eventually(lambda: woke == ["first"])
+        clock.advance(999)
+        await anyio.sleep(0.01)
+        assert woke == ["first"]
+        clock.advance(1)
+        await eventually(lambda: woke == ["first", "second"])
+    # A wake before the wait is not lost.
+    waker.wake()
+    with anyio.fail_after(1):
+        await waker.wait(clock, None)
