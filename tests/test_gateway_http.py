@@ -1,0 +1,130 @@
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from email.utils import format_datetime
+
+import httpx
+import pytest
+import respx
+
+from invoiceiq import __version__
+from invoiceiq.gateways.http import (
+    AuthError,
+    GatewayError,
+    PermanentError,
+    TransientError,
+    classify_transport_error,
+    json_body,
+    make_client,
+    parse_retry_after,
+    request,
+)
+
+NOW_MS = 1_764_158_400_000  # 2025-11-26T12:00:00Z
+
+
+def http_date(epoch_s: int) -> str:
+    return format_datetime(datetime.fromtimestamp(epoch_s, tz=UTC), usegmt=True)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("120", 120),
+        (" 7 ", 7),
+        ("0", 0),
+        (http_date(NOW_MS // 1000 + 30), 30),
+        (http_date(NOW_MS // 1000 - 30), 0),  # a date already past: retry now
+        ("Wed, 21 Oct 2015 07:28:00 GMT", 0),
+        ("-5", None),
+        ("1.5", None),
+        ("soon", None),
+        ("", None),
+        (None, None),
+        ("٣", None),  # a non-ASCII digit is not delay-seconds
+        ("Wed, 21 Oct 2015 07:28:00", None),  # no zone: not an HTTP-date
+    ],
+)
+def test_parse_retry_after(value: str | None, expected: int | None) -> None:
+    assert parse_retry_after(value, NOW_MS) == expected
+
+
+def test_taxonomy_shape_and_no_secret_in_text() -> None:
+    err = TransientError("whatsapp", 130429, "Rate limit hit", http_status=400, retry_after_s=5)
+    assert isinstance(err, GatewayError)
+    assert (err.provider, err.code, err.reason, err.retry_after_s) == (
+        "whatsapp",
+        "130429",
+        "Rate limit hit",
+        5,
+    )
+    assert str(err) == "whatsapp 130429: Rate limit hit"
+    assert "TransientError" in repr(err)
+    assert issubclass(PermanentError, GatewayError) and issubclass(AuthError, GatewayError)
+    assert not issubclass(AuthError, (TransientError, PermanentError))
+    long = PermanentError("x", "1", "y" * 1000)
+    assert len(long.reason) <= 200
+
+
+@pytest.mark.parametrize(
+    ("exc", "code", "maybe_processed"),
+    [
+        (httpx.ConnectTimeout("t"), "timeout", False),
+        (httpx.PoolTimeout("t"), "timeout", False),
+        (httpx.ConnectError("refused"), "connect", False),
+        (httpx.ReadTimeout("t"), "timeout", True),
+        (httpx.WriteTimeout("t"), "timeout", True),
+        (httpx.ReadError("reset"), "network", True),
+        (httpx.RemoteProtocolError("closed"), "network", True),
+    ],
+)
+def test_transport_errors_are_transient(exc: Exception, code: str, maybe_processed: bool) -> None:
+    err = classify_transport_error(exc, "mpesa")
+    assert isinstance(err, TransientError)
+    assert (err.provider, err.code, err.maybe_processed, err.retry_after_s) == (
+        "mpesa",
+        code,
+        maybe_processed,
+        None,
+    )
+
+
+def test_malformed_request_is_permanent() -> None:
+    assert isinstance(classify_transport_error(httpx.UnsupportedProtocol("ftp")), PermanentError)
+
+
+def test_transport_error_reason_does_not_quote_the_message() -> None:
+    err = classify_transport_error(httpx.ConnectError("https://user:secret@host/path"))
+    assert "secret" not in str(err) and "secret" not in repr(err)
+
+
+@pytest.mark.anyio
+async def test_request_translates_transport_errors() -> None:
+    async with httpx.AsyncClient() as http:
+        with respx.mock() as router:
+            router.get("https://api.example/x").mock(side_effect=httpx.ConnectTimeout)
+            with pytest.raises(TransientError) as info:
+                await request(http, "p", "GET", "https://api.example/x")
+    assert info.value.provider == "p"
+
+
+def test_json_body_never_raises() -> None:
+    assert json_body(httpx.Response(200, content=b"<html>")) is None
+    assert json_body(httpx.Response(200)) is None
+    assert json_body(httpx.Response(200, json={"a": 1})) == {"a": 1}
+
+
+@pytest.mark.anyio
+async def test_make_client() -> None:
+    client = make_client(3.0)
+    try:
+        assert client.headers["User-Agent"] == f"InvoiceIQ/{__version__}"
+        assert client.timeout.read == 3.0 and client.timeout.connect == 3.0
+        assert client.follow_redirects is False
+    finally:
+        await client.aclose()
+    default = make_client()
+    try:
+        assert default.timeout.read == 10.0 and default.timeout.connect == 5.0
+    finally:
+        await default.aclose()
