@@ -458,8 +458,9 @@ def _check_bind(value: str, live: bool) -> str:
         _, port = _split_bind(value)
     except ValueError:
         raise _Invalid(_BIND_FORM) from None
-    if not 1 <= port <= 65535:
-        raise _Invalid("port must be between 1 and 65535")
+    # Port 0 asks the kernel for a free port (tests, several instances on one host).
+    if not 0 <= port <= 65535:
+        raise _Invalid("port must be between 0 and 65535")
     return value
 
 

@@ -104,7 +104,7 @@ async def mark_sent(tx: Tx, invoice_id: str, channel: Channel, now_ms: int) -> b
         "UPDATE invoices SET status = 'SENT', updated_at = CURRENT_TIMESTAMP"
         " WHERE id = :id AND status = 'PENDING' RETURNING id", {"id": invoice_id})
     if row is None:
-        await set_delivery(tx, invoice_id, channel, None)
+        await set_delivery(tx, invoice_id, channel, "sent")
         return False
     await tx.execute(
         "UPDATE invoice_tracking SET sent_at_ms = :now, channel = :ch, delivery_state = 'sent'"
@@ -120,10 +120,10 @@ async def set_delivery(tx: Tx, invoice_id: str, channel: Channel | None, state: 
 
 
 async def cancel(tx: Tx, invoice_id: str, now_ms: int) -> bool:
-    """Open -> CANCELLED; False when the invoice was not open (paid, cancelled, unknown)."""
+    """Unpaid -> CANCELLED; False when it was paid, already cancelled or unknown."""
     row = await tx.one(
         "UPDATE invoices SET status = 'CANCELLED', updated_at = CURRENT_TIMESTAMP"
-        " WHERE id = :id AND status IN ('PENDING','SENT') RETURNING id", {"id": invoice_id})
+        " WHERE id = :id AND status IN ('PENDING','SENT','FAILED') RETURNING id", {"id": invoice_id})
     if row is None:
         return False
     await tx.execute("UPDATE invoice_tracking SET cancelled_at_ms = :now WHERE invoice_id = :id",
@@ -145,10 +145,14 @@ async def mark_paid(tx: Tx, invoice_id: str, receipt: str, now_ms: int) -> bool:
 
 
 async def mark_failed(tx: Tx, invoice_id: str) -> bool:
-    """PENDING -> FAILED when the invoice could not reach the customer on any channel."""
+    """PENDING/SENT -> FAILED when the invoice could not reach the customer on any channel
+    (it stays payable through its pay link: money is never refused)."""
     row = await tx.one(
         "UPDATE invoices SET status = 'FAILED', updated_at = CURRENT_TIMESTAMP"
-        " WHERE id = :id AND status = 'PENDING' RETURNING id", {"id": invoice_id})
+        " WHERE id = :id AND status IN ('PENDING','SENT') RETURNING id", {"id": invoice_id})
+    if row is not None:
+        await tx.execute("UPDATE invoice_tracking SET delivery_state = 'failed' WHERE invoice_id = :id",
+                         {"id": invoice_id})
     return row is not None
 
 

@@ -77,14 +77,19 @@ async def enqueue(
     return int(row_id)
 
 
-async def claim_due(tx: Tx, *, now_ms: int, limit: int, worker: str, lease_ms: int) -> list[OutboxRow]:
-    """Claim up to ``limit`` sendable rows: due, not leased, first unfinished for their recipient."""
+async def claim_due(tx: Tx, *, now_ms: int, limit: int, worker: str, lease_ms: int,
+                    channels: tuple[Channel, ...] = (Channel.WHATSAPP, Channel.SMS)) -> list[OutboxRow]:
+    """Claim up to ``limit`` sendable rows: due, not leased, first unfinished for their
+    recipient, on one of ``channels`` (a paused channel's rows wait without losing attempts)."""
+    if not channels:
+        return []
     skip_locked = " FOR UPDATE SKIP LOCKED" if tx.dialect == "postgresql" else ""
+    in_channels = ", ".join(f"'{c.value}'" for c in channels)
     rows = await tx.all(
         "UPDATE outbox SET status = 'SENDING', claimed_until_ms = :lease, claimed_by = :w,"
         " attempts = attempts + 1, updated_at_ms = :now"
         " WHERE id IN (SELECT o.id FROM outbox o"
-        "  WHERE ((o.status = 'PENDING' AND o.next_attempt_at_ms <= :now)"
+        f"  WHERE o.channel IN ({in_channels}) AND ((o.status = 'PENDING' AND o.next_attempt_at_ms <= :now)"
         "      OR (o.status = 'SENDING' AND o.claimed_until_ms < :now))"
         "   AND NOT EXISTS (SELECT 1 FROM outbox p WHERE p.recipient = o.recipient AND p.id < o.id"
         "      AND p.status IN ('PENDING','SENDING'))"
@@ -160,11 +165,14 @@ async def cancel_pending_for_invoice(tx: Tx, invoice_id: str, kinds: tuple[str, 
     return len(rows)
 
 
-async def next_due_ms(tx: Tx) -> int | None:
-    """When the next row becomes claimable (pending retry, or a lease running out)."""
+async def next_due_ms(tx: Tx, channels: tuple[Channel, ...] = (Channel.WHATSAPP, Channel.SMS)) -> int | None:
+    """When the next row on ``channels`` becomes claimable (a retry, or a lease running out)."""
+    if not channels:
+        return None
+    in_channels = ", ".join(f"'{c.value}'" for c in channels)
     return await tx.val(
         "SELECT MIN(CASE WHEN status = 'PENDING' THEN next_attempt_at_ms ELSE claimed_until_ms END)"
-        " FROM outbox WHERE status IN ('PENDING','SENDING')")
+        f" FROM outbox WHERE status IN ('PENDING','SENDING') AND channel IN ({in_channels})")
 
 
 async def pending_count(tx: Tx) -> int:

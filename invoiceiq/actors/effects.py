@@ -1,0 +1,50 @@
+"""Carrying out the core's decisions inside one store transaction.
+
+Shared by the session actor (chat) and the internal API, so that an invoice made either way
+is stored and queued for delivery by the very same code.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..core import copy, delivery
+from ..core.model import Channel, Invoice
+from ..store import Tx, invoices, outbox
+
+if TYPE_CHECKING:
+    from ..config import Settings
+
+
+async def create_invoice(
+    tx: Tx,
+    settings: Settings,
+    now_ms: int,
+    *,
+    msisdn: str,
+    customer_name: str | None,
+    amount_cents: int,
+    description: str,
+    source: str,
+) -> Invoice:
+    """Store the invoice as PENDING and queue it to the customer, in the caller's transaction.
+
+    The outbox decides at send time between the session message and the template (the
+    24-hour window is judged when the message leaves, not when it was queued)."""
+    invoice = await invoices.create(
+        tx, msisdn=msisdn, customer_name=customer_name, amount_cents=amount_cents,
+        description=description, now_ms=now_ms, pay_base_url=settings.server.public_base_url,
+        source=source)
+    await outbox.enqueue(
+        tx, recipient=msisdn, channel=Channel.WHATSAPP, kind="invoice", invoice_id=invoice.id,
+        content={"type": "invoice", "invoice_id": invoice.id, "purpose": "invoice"}, now_ms=now_ms,
+        dedupe_key=f"invoice:{invoice.id}")
+    return invoice
+
+
+async def reply(tx: Tx, to: str, now_ms: int, message: copy.Reply, *, kind: str = "reply",
+                invoice_id: str | None = None, dedupe_key: str | None = None, sms: str | None = None) -> int | None:
+    """Queue a WhatsApp text or reply-button message to ``to`` (``sms``: its SMS fallback)."""
+    return await outbox.enqueue(tx, recipient=to, channel=Channel.WHATSAPP, kind=kind,
+                                content=delivery.reply_content(message, sms), now_ms=now_ms,
+                                invoice_id=invoice_id, dedupe_key=dedupe_key)

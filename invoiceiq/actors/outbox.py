@@ -1,0 +1,388 @@
+"""The outbox actor: every queued send leaves once, in order per recipient, or fails with a reason.
+
+One loop claims due rows (an atomic UPDATE with a lease, see ``store.outbox``) and hands each
+to a bounded pool of senders. A sender renders the row for its channel (``core.delivery``
+decides session message or template), calls the gateway, and records the outcome in one
+transaction with whatever follows from it: the invoice becomes SENT and the merchant gets
+the confirmation; a permanent failure queues the SMS fallback; an exhausted message fails
+and the merchant is told. Broken credentials pause the channel (and ``/readyz`` says so)
+instead of spending every queued message's attempts.
+
+Status webhooks (``sent``/``delivered``/``read``/``failed``) and SMS delivery reports are
+applied by ``DeliveryTracker``, keyed by the provider's message id.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from ..clock import Clock
+from ..core import copy, delivery
+from ..core.model import Channel, Direction, Invoice, InvoiceStatus
+from ..gateways.http import AuthError, GatewayError, PermanentError, TransientError
+from ..observability import Metrics, get_logger
+from ..store import Store, Tx, customers, inbox, invoices, messages, outbox
+from ..store.outbox import OutboxRow
+from .runtime import Waker
+
+if TYPE_CHECKING:
+    from ..config import Settings
+    from ..gateways.sms import AfricasTalkingClient
+    from ..gateways.whatsapp import WhatsAppClient
+
+log = get_logger(__name__)
+POLL_MS = 5_000
+LEASE_MS = 60_000  # far above the HTTP timeout: a live sender never loses its claim
+UNKNOWN_STATUS_GIVE_UP_MS = 10 * 60_000
+
+
+@dataclass
+class _Rendered:
+    """A row made ready for its channel; ``skip`` when it should no longer be sent at all."""
+
+    reply: copy.Reply | None = None
+    template: delivery.Template | None = None
+    sms: str | None = None
+    skip: str | None = None
+    form: str = "text"
+
+
+@dataclass
+class _After:
+    sent_invoices: list[Invoice] = field(default_factory=list)
+    queued: int = 0
+    events: list[tuple[str, str, str]] = field(default_factory=list)  # (channel, direction, event)
+
+
+class Outbox:
+    """Shared by the sender loop and the status tracker: what follows an outcome."""
+
+    def __init__(self, *, store: Store, settings: Settings, clock: Clock, metrics: Metrics) -> None:
+        self.store = store
+        self.settings = settings
+        self.clock = clock
+        self.metrics = metrics
+        self.sms_configured = False
+
+    def pay_url(self, invoice: Invoice) -> str:
+        return f"{self.settings.server.public_base_url}/p/{invoice.pay_token}"
+
+    async def accepted(self, tx: Tx, row: OutboxRow, provider_id: str | None, form: str, after: _After) -> None:
+        now = self.clock.now_ms()
+        if not await outbox.mark_sent(tx, row.id, provider_id, now):
+            log.warning("outbox_claim_lost", outbox_id=row.id)
+            return
+        await messages.log_message(
+            tx, channel=row.channel, direction=Direction.OUT, event="sent", invoice_id=row.invoice_id,
+            payload={"outbox_id": row.id, "provider_message_id": provider_id, "kind": row.kind, "form": form})
+        after.events.append((row.channel.value, "OUT", "sent"))
+        if row.invoice_id is None or row.kind not in ("invoice", "reminder"):
+            return
+        if row.kind == "reminder":
+            await invoices.set_delivery(tx, row.invoice_id, row.channel, "sent")
+            return
+        first = await invoices.mark_sent(tx, row.invoice_id, row.channel, now)
+        invoice = await invoices.get(tx, row.invoice_id)
+        if invoice is None:
+            return
+        if first:
+            after.sent_invoices.append(invoice)
+            after.queued += await self.tell_merchant(
+                tx, copy.invoice_sent(invoice), invoice.id, f"confirm:{invoice.id}")
+        if row.fallback_of is not None:
+            reason = str(row.content.get("fallback_reason") or copy.SMS_REASON_WHATSAPP_FAILED)
+            after.queued += await self.tell_merchant(
+                tx, copy.sent_by_sms(invoice, reason), invoice.id, f"sms-notice:{invoice.id}")
+
+    async def failed(self, tx: Tx, row: OutboxRow, reason: str, code: str | None, after: _After) -> None:
+        """The message cannot go this way: the SMS fallback if there is one, else FAILED."""
+        now = self.clock.now_ms()
+        if not await outbox.mark_failed(tx, row.id, reason, now):
+            return
+        await messages.log_message(
+            tx, channel=row.channel, direction=Direction.OUT, event="failed", invoice_id=row.invoice_id,
+            payload={"outbox_id": row.id, "reason": reason, "code": code})
+        after.events.append((row.channel.value, "OUT", "failed"))
+        log.warning("message_failed", outbox_id=row.id, channel=row.channel.value, kind=row.kind,
+                    invoice_id=row.invoice_id, code=code, reason=reason)
+        if row.channel is Channel.WHATSAPP and self.sms_configured:
+            content = dict(row.content, fallback_reason=delivery.fallback_reason(code))
+            new_id = await outbox.enqueue(
+                tx, recipient=row.recipient, channel=Channel.SMS, kind=row.kind, content=content,
+                now_ms=now, invoice_id=row.invoice_id, dedupe_key=f"fallback:{row.id}", fallback_of=row.id)
+            if new_id is not None:
+                await messages.log_message(
+                    tx, channel=Channel.WHATSAPP, direction=Direction.OUT, event="fallback",
+                    invoice_id=row.invoice_id, payload={"outbox_id": row.id, "sms_outbox_id": new_id, "code": code})
+                after.events.append(("WHATSAPP", "OUT", "fallback"))
+                after.queued += 1
+                log.info("fallback_to_sms", outbox_id=row.id, invoice_id=row.invoice_id, code=code)
+                return
+        if row.invoice_id is not None and row.kind == "invoice":
+            await invoices.mark_failed(tx, row.invoice_id)
+            invoice = await invoices.get(tx, row.invoice_id)
+            if invoice is not None:
+                after.queued += await self.tell_merchant(
+                    tx, copy.delivery_failed(invoice), invoice.id, f"delivery-failed:{invoice.id}")
+
+    async def tell_merchant(self, tx: Tx, reply: copy.Reply, invoice_id: str | None, dedupe_key: str) -> int:
+        merchant = self.settings.merchant.msisdn
+        if not merchant:
+            return 0
+        queued = await outbox.enqueue(
+            tx, recipient=merchant, channel=Channel.WHATSAPP, kind="notice",
+            content=delivery.reply_content(reply), now_ms=self.clock.now_ms(), invoice_id=invoice_id,
+            dedupe_key=dedupe_key)
+        return 1 if queued is not None else 0
+
+    def observe(self, after: _After) -> None:
+        for invoice in after.sent_invoices:
+            self.metrics.invoices_sent.inc()
+            log.info("invoice_sent", invoice_id=invoice.id, channel=(invoice.channel or Channel.WHATSAPP).value)
+        if after.sent_invoices:
+            self.metrics.update_conversion()
+        for channel, direction, event in after.events:
+            self.metrics.messages.labels(channel, direction, event).inc()
+
+
+class OutboxActor:
+    def __init__(self, *, core: Outbox, whatsapp: WhatsAppClient | None, sms: AfricasTalkingClient | None,
+                 stopping: anyio.Event, worker_id: str, concurrency: int = 32) -> None:
+        self.core = core
+        self.store = core.store
+        self.clock = core.clock
+        self.settings = core.settings
+        self.whatsapp = whatsapp
+        self.sms = sms
+        core.sms_configured = sms is not None
+        self.stopping = stopping
+        self.worker_id = worker_id
+        self.concurrency = concurrency
+        self.waker = Waker()
+        self.in_flight = 0
+        self._paused_until: dict[Channel, int] = {}
+        self.channel_problems: dict[Channel, str] = {}
+        self.on_change: list[Any] = []
+
+    # -- health ------------------------------------------------------------------------------
+
+    def readiness_problem(self) -> str | None:
+        if not self.channel_problems:
+            return None
+        return "; ".join(f"{c.value.lower()}: {p}" for c, p in sorted(self.channel_problems.items()))
+
+    def _channels(self, now: int) -> tuple[Channel, ...]:
+        usable = []
+        if self.whatsapp is not None and self._paused_until.get(Channel.WHATSAPP, 0) <= now:
+            usable.append(Channel.WHATSAPP)
+        if self.sms is not None and self._paused_until.get(Channel.SMS, 0) <= now:
+            usable.append(Channel.SMS)
+        return tuple(usable)
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        async with anyio.create_task_group() as senders:
+            while not self.stopping.is_set():
+                now = self.clock.now_ms()
+                channels = self._channels(now)
+                free = self.concurrency - self.in_flight
+                rows: list[OutboxRow] = []
+                if free > 0 and channels:
+                    rows = await self.store.write(lambda tx: outbox.claim_due(
+                        tx, now_ms=now, limit=free, worker=self.worker_id, lease_ms=LEASE_MS, channels=channels))
+                for row in rows:
+                    self.in_flight += 1
+                    senders.start_soon(self._send, row)
+                if rows and len(rows) == free:
+                    continue
+                deadline = now + POLL_MS
+                if free > 0:
+                    next_due = await self.store.read(lambda tx: outbox.next_due_ms(tx, channels))
+                    if next_due is not None:
+                        deadline = min(deadline, max(next_due, now + 1))
+                for until in self._paused_until.values():
+                    if until > now:
+                        deadline = min(deadline, until)
+                self.core.metrics.outbox_pending.set(await self.store.read(outbox.pending_count))
+                await self.waker.wait(self.clock, deadline)
+
+    async def drain(self) -> None:
+        """Wait for the sends in flight (used at shutdown, within the grace period)."""
+        while self.in_flight:
+            await anyio.sleep(0.01)
+
+    async def _send(self, row: OutboxRow) -> None:
+        try:
+            await self._send_one(row)
+        except Exception:  # noqa: BLE001 - a bug must not kill the loop; the lease brings it back
+            log.exception("outbox_send_crashed", outbox_id=row.id)
+        finally:
+            self.in_flight -= 1
+            self.waker.wake()
+
+    async def _send_one(self, row: OutboxRow) -> None:
+        rendered = await self.store.read(lambda tx: self._render(tx, row))
+        after = _After()
+        if rendered.skip is not None:
+            await self.store.write(lambda tx: self._skip(tx, row, rendered.skip or ""))
+            return
+        try:
+            provider_id = await self._call(row, rendered)
+        except GatewayError as exc:
+            await self._on_error(row, exc)
+            return
+        except ValueError as exc:
+            # Our message broke a provider rule before it left: as permanent as it gets.
+            await self.store.write(lambda tx: self.core.failed(tx, row, f"invalid message: {exc}", "local", after))
+            self.core.observe(after)
+            self.waker.wake()
+            return
+        self.channel_problems.pop(row.channel, None)
+        await self.store.write(lambda tx: self.core.accepted(tx, row, provider_id, rendered.form, after))
+        self.core.observe(after)
+        log.info("message_sent", outbox_id=row.id, channel=row.channel.value, kind=row.kind,
+                 invoice_id=row.invoice_id, form=rendered.form, attempt=row.attempts)
+        if after.queued:
+            self.waker.wake()
+
+    async def _call(self, row: OutboxRow, rendered: _Rendered) -> str | None:
+        if row.channel is Channel.SMS:
+            assert self.sms is not None and rendered.sms is not None
+            return (await self.sms.send(row.recipient, rendered.sms)).message_id
+        assert self.whatsapp is not None
+        if rendered.template is not None:
+            t = rendered.template
+            sent = await self.whatsapp.send_template(row.recipient, t.name, t.language, t.params, t.payloads)
+        else:
+            assert rendered.reply is not None
+            reply = rendered.reply
+            if reply.buttons:
+                sent = await self.whatsapp.send_buttons(row.recipient, reply.text, reply.buttons, reply.footer)
+            else:
+                sent = await self.whatsapp.send_text(row.recipient, reply.text)
+        return sent.message_id
+
+    async def _render(self, tx: Tx, row: OutboxRow) -> _Rendered:
+        content = row.content
+        if content.get("type") != "invoice":
+            if row.channel is Channel.SMS:
+                return _Rendered(sms=delivery.sms_from_content(content), form="sms")
+            reply = delivery.reply_from_content(content)
+            return _Rendered(reply=reply, form="interactive" if reply.buttons else "text")
+        invoice = await invoices.get(tx, str(content.get("invoice_id")))
+        if invoice is None:
+            return _Rendered(skip="invoice not found")
+        if invoice.status in (InvoiceStatus.PAID, InvoiceStatus.CANCELLED):
+            return _Rendered(skip=f"invoice is {invoice.status.value.lower()}")
+        purpose = str(content.get("purpose") or "invoice")
+        if row.channel is Channel.SMS:
+            return _Rendered(sms=delivery.invoice_sms(invoice, purpose, self.core.pay_url(invoice)), form="sms")
+        message = delivery.invoice_message(
+            invoice, purpose, last_inbound_ms=await customers.last_inbound_ms(tx, invoice.msisdn),
+            now_ms=self.clock.now_ms(), template=self.settings.whatsapp.invoice_template,
+            language=self.settings.whatsapp.template_language, pay_url=self.core.pay_url(invoice))
+        if isinstance(message, delivery.Template):
+            return _Rendered(template=message, form="template")
+        return _Rendered(reply=message, form="interactive")
+
+    async def _skip(self, tx: Tx, row: OutboxRow, reason: str) -> None:
+        now = self.clock.now_ms()
+        await tx.execute("UPDATE outbox SET status = 'CANCELLED', last_error = :r, updated_at_ms = :now"
+                         " WHERE id = :id AND status = 'SENDING'", {"r": reason, "now": now, "id": row.id})
+        log.info("message_skipped", outbox_id=row.id, kind=row.kind, invoice_id=row.invoice_id, reason=reason)
+
+    async def _on_error(self, row: OutboxRow, exc: GatewayError) -> None:
+        kind = (delivery.ErrorKind.AUTH if isinstance(exc, AuthError)
+                else delivery.ErrorKind.TRANSIENT if isinstance(exc, TransientError)
+                else delivery.ErrorKind.PERMANENT)
+        retry_after = exc.retry_after_s if isinstance(exc, TransientError) else None
+        decision = delivery.after_failure(
+            kind, channel=row.channel, attempts=row.attempts, max_attempts=self.settings.outbox.max_attempts,
+            can_fallback=self.sms is not None, retry_after_s=retry_after,
+            base_s=self.settings.outbox.backoff_base_s, max_s=self.settings.outbox.backoff_max_s,
+            jitter=random.random())
+        reason = f"{exc.code}: {exc.reason}"
+        now = self.clock.now_ms()
+        after = _After()
+        if decision.outcome is delivery.Outcome.PAUSE:
+            self._paused_until[row.channel] = now + decision.delay_ms
+            self.channel_problems[row.channel] = f"credentials rejected ({exc.code})"
+            log.error("channel_auth_failed", alert=True, channel=row.channel.value, code=exc.code,
+                      paused_s=decision.delay_ms // 1000)
+            await self.store.write(lambda tx: outbox.mark_retry(
+                tx, row.id, reason, now + decision.delay_ms, now, refund_attempt=True))
+        elif decision.outcome is delivery.Outcome.RETRY:
+            log.info("message_retry", outbox_id=row.id, channel=row.channel.value, code=exc.code,
+                     attempt=row.attempts, retry_in_ms=decision.delay_ms)
+            await self.store.write(lambda tx: outbox.mark_retry(tx, row.id, reason, now + decision.delay_ms, now))
+        else:
+            # FALLBACK and FAIL: ``failed`` queues the SMS when there is a way, else gives up.
+            await self.store.write(lambda tx: self.core.failed(tx, row, reason, exc.code, after))
+            self.core.observe(after)
+        self.waker.wake()
+
+
+class DeliveryTracker:
+    """Applies provider statuses to outbox rows, keyed by the provider's message id."""
+
+    def __init__(self, core: Outbox, wake_outbox: Any) -> None:
+        self.core = core
+        self.wake_outbox = wake_outbox
+
+    async def handle(self, key: str, _message: Any) -> None:
+        # A status can overtake the send's own commit (the provider answers the send and
+        # posts "sent" at once): give the row a moment to appear before leaving it to the sweep.
+        for _ in range(20):
+            after = _After()
+            found = await self.core.store.write(lambda tx: self._apply(tx, key, after))
+            self.core.observe(after)
+            if after.queued:
+                self.wake_outbox()
+            if found:
+                return
+            await anyio.sleep(0.1)
+
+    async def _apply(self, tx: Tx, provider_id: str, after: _After) -> bool:
+        after.queued = 0
+        after.events.clear()
+        events = await inbox.pending(tx, "delivery", provider_id)
+        if not events:
+            return True
+        now = self.core.clock.now_ms()
+        row = await outbox.by_provider_id(tx, provider_id)
+        if row is None:
+            if now - events[0].received_at_ms < UNKNOWN_STATUS_GIVE_UP_MS:
+                return False
+            for event in events:
+                await inbox.mark_processed(tx, event.seq, now)
+            log.warning("status_for_unknown_message", count=len(events))
+            return True
+        for event in events:
+            if not await inbox.mark_processed(tx, event.seq, now):
+                continue
+            status = str(event.payload.get("status") or "")
+            mapped = (delivery.SMS_STATUS if row.channel is Channel.SMS else delivery.WHATSAPP_STATUS).get(status)
+            code = event.payload.get("code")
+            await messages.log_message(
+                tx, channel=row.channel, direction=Direction.OUT, event=status.lower() or "status",
+                invoice_id=row.invoice_id,
+                payload={"outbox_id": row.id, "provider_message_id": provider_id, "status": status,
+                         "code": code, "reason": event.payload.get("reason")})
+            if mapped is None:
+                continue
+            if mapped == "FAILED":
+                reason = f"{code}: {event.payload.get('reason') or 'failed'}"
+                await self.core.failed(tx, row, reason, None if code is None else str(code), after)
+                continue
+            moved = await outbox.advance_status(tx, provider_id, mapped, now)
+            if moved is None:
+                continue
+            after.events.append((row.channel.value, "OUT", mapped.lower()))
+            if row.invoice_id is not None and row.kind in ("invoice", "reminder"):
+                await invoices.set_delivery(tx, row.invoice_id, row.channel, mapped.lower())
+        return True

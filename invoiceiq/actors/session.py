@@ -1,0 +1,273 @@
+"""The session actor: one conversation's steps, one at a time.
+
+A conversation is a database row until someone writes. When a message for it has been stored
+(the webhook put it in the inbox) the actor is kicked; it then, in ONE transaction:
+
+1. loads the conversation (locking it on PostgreSQL) and its unprocessed inbox events;
+2. runs the pure state machine over them (``core.conversation.step`` for the merchant,
+   ``core.customer.customer_step`` for anyone else), plus a due timer;
+3. carries out the effects: replies and invoices become outbox rows, lookups are queries;
+4. marks the events processed and saves the new state with its next due timer, as a
+   compare-and-set on the row's version.
+
+A crash anywhere before the commit leaves everything as it was: the events are still
+unprocessed and the next kick (or the scheduler's sweep after a restart) runs them again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..clock import Clock
+from ..core import copy, invoicing
+from ..core.conversation import (
+    ChatSettings,
+    ConversationState,
+    CreateInvoice,
+    CustomersFound,
+    FindCustomers,
+    InvoiceAction,
+    ListUnpaid,
+    Message,
+    TimerDue,
+    step,
+)
+from ..core.customer import (
+    CustomerState,
+    DetailsRequested,
+    ListOpenInvoices,
+    OpenInvoices,
+    PayRequested,
+    customer_step,
+)
+from ..core.model import Channel, Invoice, InvoiceStatus, kes_to_cents
+from ..observability import Metrics, get_logger
+from ..store import Store, Tx, conversations, customers, inbox, invoices, outbox, payments
+from . import effects
+
+if TYPE_CHECKING:
+    from ..config import Settings
+    from ..daemon import Dispatcher
+
+log = get_logger(__name__)
+ACTOR = "session"
+BATCH = 50  # events applied per transaction; a flood is worked off in slices
+
+
+@dataclass
+class _AfterCommit:
+    """What to do once the transaction is durable (metrics, kicks): never before."""
+
+    created: list[str] = field(default_factory=list)
+    payments: list[str] = field(default_factory=list)
+    queued: int = 0
+    timer_changed: bool = False
+    more: bool = False
+
+    def reset(self) -> None:
+        self.created.clear()
+        self.payments.clear()
+        self.queued = 0
+        self.timer_changed = self.more = False
+
+
+class SessionActor:
+    def __init__(self, *, store: Store, settings: Settings, clock: Clock, metrics: Metrics,
+                 dispatch: Dispatcher) -> None:
+        self.store = store
+        self.settings = settings
+        self.clock = clock
+        self.metrics = metrics
+        self.dispatch = dispatch
+        chat = settings.chat
+        self.chat = ChatSettings(
+            nudge_after_ms=chat.nudge_after_s * 1000, close_after_ms=chat.close_after_s * 1000,
+            max_amount_kes=settings.mpesa.max_amount, rate_limit_per_minute=chat.merchant_rate_per_min)
+
+    def role_of(self, key: str) -> str:
+        return "merchant" if key == self.settings.merchant.msisdn else "customer"
+
+    async def handle(self, key: str, _message: Any) -> None:
+        """Registry handler: apply everything waiting for conversation ``key``."""
+        while True:
+            after = _AfterCommit()
+            await self.store.write(lambda tx: self._process(tx, key, after))
+            for invoice_id in after.created:
+                self.metrics.invoices_created.inc()
+                log.info("invoice_created", invoice_id=invoice_id, source="chat")
+            if after.queued:
+                self.dispatch.wake("outbox")
+            for invoice_id in after.payments:
+                await self.dispatch.kick("payment", invoice_id)
+            if after.timer_changed:
+                self.dispatch.wake("scheduler")
+            if not after.more:
+                return
+
+    async def _process(self, tx: Tx, key: str, after: _AfterCommit) -> None:
+        # The job may be re-run after a Conflict: start from a clean slate each time.
+        after.reset()
+        now = self.clock.now_ms()
+        role = self.role_of(key)
+        row = await conversations.load(tx, key, role)
+        events = await inbox.pending(tx, ACTOR, key, limit=BATCH)
+        after.more = len(events) == BATCH
+        if role == "merchant":
+            merchant = ConversationState.from_dict(row.state)
+            due_before = merchant.due_ms
+            changed = False
+            for event in events:
+                if not await inbox.mark_processed(tx, event.seq, now):
+                    continue
+                text = str(event.payload.get("text") or "")
+                merchant = await self._merchant_step(tx, key, merchant, Message(text), now, after)
+                changed = True
+            if merchant.due_ms is not None and merchant.due_ms <= now:
+                merchant = await self._merchant_step(tx, key, merchant, TimerDue(), now, after)
+                changed = True
+            if not changed:
+                return
+            after.timer_changed = merchant.due_ms != due_before
+            await conversations.save(tx, row, merchant.to_dict(), merchant.due_ms, now)
+            return
+
+        customer = CustomerState.from_dict(row.state)
+        if not events:
+            return
+        for event in events:
+            if not await inbox.mark_processed(tx, event.seq, now):
+                continue
+            text = str(event.payload.get("text") or "")
+            customer = await self._customer_step(tx, key, customer, text, event.event_id, now, after)
+        await conversations.save(tx, row, customer.to_dict(), None, now)
+
+    # -- the merchant ------------------------------------------------------------------------
+
+    async def _merchant_step(self, tx: Tx, merchant: str, state: ConversationState, event: Any,
+                             now: int, after: _AfterCommit) -> ConversationState:
+        pending: list[Any] = [event]
+        while pending:
+            state, outs = step(state, pending.pop(0), now, self.chat)
+            for effect in outs:
+                if isinstance(effect, copy.Reply):
+                    await self._reply(tx, merchant, effect, now, after)
+                elif isinstance(effect, FindCustomers):
+                    found = await customers.find_by_name(tx, effect.query)
+                    pending.append(CustomersFound(effect.query, tuple(found)))
+                elif isinstance(effect, CreateInvoice):
+                    invoice = await effects.create_invoice(
+                        tx, self.settings, now, msisdn=effect.msisdn, customer_name=effect.customer_name,
+                        amount_cents=kes_to_cents(effect.amount_kes), description=effect.description,
+                        source="chat")
+                    after.created.append(invoice.id)
+                    after.queued += 1
+                elif isinstance(effect, InvoiceAction):
+                    await self._invoice_action(tx, merchant, effect, now, after)
+                elif isinstance(effect, ListUnpaid):
+                    open_ones = await invoices.open_invoices(tx, None, limit=100)
+                    await self._reply(tx, merchant, copy.unpaid_list(open_ones), now, after)
+        return state
+
+    async def _invoice_action(self, tx: Tx, merchant: str, action: InvoiceAction, now: int,
+                              after: _AfterCommit) -> None:
+        invoice = await invoices.get(tx, action.invoice_id)
+        if invoice is None:
+            await self._reply(tx, merchant, copy.invoice_not_found(action.invoice_id), now, after)
+            return
+        if action.kind == "status":
+            attempts = await payments.count_attempts(tx, invoice.id)
+            await self._reply(tx, merchant, copy.status_summary(invoice, attempts), now, after)
+        elif action.kind == "remind":
+            await self._remind(tx, merchant, invoice, now, after)
+        else:
+            await self._cancel(tx, merchant, invoice, now, after)
+
+    async def _remind(self, tx: Tx, merchant: str, invoice: Invoice, now: int, after: _AfterCommit) -> None:
+        interval = self.settings.chat.remind_interval_s * 1000
+        verdict = invoicing.can_remind(invoice, now, interval)
+        if verdict.verdict is invoicing.Verdict.PAID:
+            reply = copy.remind_paid(invoice)
+        elif verdict.verdict is invoicing.Verdict.CANCELLED:
+            reply = copy.remind_cancelled(invoice)
+        elif verdict.verdict is invoicing.Verdict.TOO_SOON or not await invoices.claim_reminder(
+                tx, invoice.id, now, interval):
+            allowed = verdict.allowed_at_ms or now + interval
+            reply = copy.remind_too_soon(invoice, allowed)
+        else:
+            # Again by the channel that reached the customer the first time.
+            channel = invoice.channel or Channel.WHATSAPP
+            await outbox.enqueue(
+                tx, recipient=invoice.msisdn, channel=channel, kind="reminder", invoice_id=invoice.id,
+                content={"type": "invoice", "invoice_id": invoice.id, "purpose": "reminder"}, now_ms=now)
+            after.queued += 1
+            reply = copy.reminded(invoice)
+        await self._reply(tx, merchant, reply, now, after)
+
+    async def _cancel(self, tx: Tx, merchant: str, invoice: Invoice, now: int, after: _AfterCommit) -> None:
+        verdict = invoicing.can_cancel(invoice)
+        if verdict is invoicing.Verdict.OK and await invoices.cancel(tx, invoice.id, now):
+            await outbox.cancel_pending_for_invoice(tx, invoice.id, ("invoice", "reminder"), now)
+            notice = copy.customer_cancelled_notice(invoice)
+            await effects.reply(tx, invoice.msisdn, now, notice, kind="notice", invoice_id=invoice.id,
+                                dedupe_key=f"cancelled:{invoice.id}")
+            log.info("invoice_cancelled", invoice_id=invoice.id)
+            await self._reply(tx, merchant, copy.invoice_cancelled(invoice), now, after)
+            return
+        # Not cancellable (or it changed under us): say what it is now.
+        current = await invoices.get(tx, invoice.id) or invoice
+        if current.status is InvoiceStatus.PAID:
+            reply = copy.cancel_paid(current)
+        else:
+            reply = copy.cancel_already_cancelled(current)
+        await self._reply(tx, merchant, reply, now, after)
+
+    # -- customers ---------------------------------------------------------------------------
+
+    async def _customer_step(self, tx: Tx, msisdn: str, state: CustomerState, text: str, event_id: str,
+                             now: int, after: _AfterCommit) -> CustomerState:
+        hint_ms = self.settings.chat.customer_hint_interval_s * 1000
+        pending: list[Any] = [Message(text)]
+        while pending:
+            state, outs = customer_step(state, pending.pop(0), now, hint_ms)
+            for effect in outs:
+                if isinstance(effect, copy.Reply):
+                    await self._reply(tx, msisdn, effect, now, after, kind="customer_reply")
+                elif isinstance(effect, ListOpenInvoices):
+                    open_ones = await invoices.open_invoices(tx, msisdn)
+                    pending.append(OpenInvoices(tuple(open_ones)))
+                elif isinstance(effect, DetailsRequested):
+                    invoice = await invoices.get(tx, effect.invoice_id)
+                    if invoice is None or invoice.msisdn != msisdn:
+                        reply = copy.customer_hint(await invoices.open_invoices(tx, msisdn))
+                    else:
+                        reply = copy.invoice_details(invoice)
+                    await self._reply(tx, msisdn, reply, now, after, kind="customer_reply")
+                elif isinstance(effect, PayRequested):
+                    await self._pay_request(tx, msisdn, effect.invoice_id, event_id, now, after)
+        return state
+
+    async def _pay_request(self, tx: Tx, msisdn: str, invoice_id: str | None, event_id: str, now: int,
+                           after: _AfterCommit) -> None:
+        """Hand a Pay tap to the invoice's payment actor, through the inbox (durably)."""
+        if invoice_id is None:
+            open_ones = await invoices.open_invoices(tx, msisdn)
+            if len(open_ones) != 1:
+                await self._reply(tx, msisdn, copy.customer_hint(open_ones), now, after, kind="customer_reply")
+                return
+            invoice_id = open_ones[0].id
+        invoice = await invoices.get(tx, invoice_id)
+        # Only the invoice's own customer may start its payment: a prompt goes to their phone.
+        if invoice is None or invoice.msisdn != msisdn:
+            await self._reply(tx, msisdn, copy.customer_hint(await invoices.open_invoices(tx, msisdn)), now,
+                              after, kind="customer_reply")
+            return
+        await inbox.put(tx, source="internal", event_id=f"pay:{event_id}", actor="payment",
+                        actor_key=invoice.id, kind="pay_request",
+                        payload={"phone": msisdn, "via": "whatsapp"}, now_ms=now)
+        after.payments.append(invoice.id)
+
+    async def _reply(self, tx: Tx, to: str, reply: copy.Reply, now: int, after: _AfterCommit,
+                     kind: str = "reply") -> None:
+        await effects.reply(tx, to, now, reply, kind=kind)
+        after.queued += 1

@@ -1,0 +1,270 @@
+"""The wiring: the one module that knows every other.
+
+``Daemon.run`` binds the listening socket, opens the store (its SQLite writer first, then the
+migrations), builds the gateways and the actors, supervises them in one anyio task group
+beside hypercorn, and stops in order on SIGTERM/SIGINT:
+
+1. stop accepting requests and let in-flight ones finish (hypercorn's graceful shutdown);
+2. tell the actors to stop taking new work and let them finish what they hold, within
+   ``server.shutdown_grace_s`` (anything not begun stays in the database for the next start);
+3. drain the SQLite writer, close the database, exit 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import httpx
+from hypercorn.asyncio.run import worker_serve
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.config import Sockets
+from hypercorn.utils import wrap_app
+
+from .actors.outbox import DeliveryTracker, Outbox, OutboxActor
+from .actors.runtime import Registry, Supervisor, Waker
+from .actors.scheduler import Scheduler
+from .actors.session import SessionActor
+from .clock import Clock, SystemClock
+from .config import Settings
+from .gateways.sms import AfricasTalkingClient
+from .gateways.whatsapp import WhatsAppClient
+from .observability import Metrics, get_logger
+from .store import Store, invoices
+from .systemd import Notifier, watchdog_interval_s
+from .web import whatsapp as whatsapp_routes
+from .web.app import create_app
+from .web.context import Services
+
+log = get_logger(__name__)
+
+
+@dataclass
+class Dispatcher:
+    """Routes hints to actors: keyed registries by name, and wakers of singleton actors."""
+
+    registries: dict[str, Registry[Any]] = field(default_factory=dict)
+    wakers: dict[str, Waker] = field(default_factory=dict)
+
+    async def kick(self, actor: str, key: str) -> None:
+        registry = self.registries.get(actor)
+        if registry is None:
+            log.warning("no_such_actor", actor=actor)
+            return
+        await registry.send(key, "kick")
+
+    def wake(self, actor: str) -> None:
+        waker = self.wakers.get(actor)
+        if waker is not None:
+            waker.wake()
+
+
+class Daemon:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Clock | None = None,
+        http: httpx.AsyncClient | None = None,
+        notifier: Notifier | None = None,
+        idle_s: float = 30.0,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self.metrics = Metrics()
+        self.store = Store(settings.database.url)
+        self.notifier = notifier or Notifier.from_env()
+        self._http = http
+        self._idle_s = idle_s
+        self.dispatch = Dispatcher()
+        self.stopping = anyio.Event()
+        self.ready = anyio.Event()
+        self.bound_port: int | None = None
+        self.supervisor: Supervisor | None = None
+        self.outbox: OutboxActor | None = None
+        self.scheduler: Scheduler | None = None
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self._shutdown = anyio.Event()
+
+    # -- readiness ---------------------------------------------------------------------------
+
+    async def readiness(self) -> dict[str, str]:
+        problems: dict[str, str] = {}
+        db_problem = await self.store.check()
+        if db_problem:
+            problems["database"] = db_problem
+        else:
+            try:
+                if not await self.store.migrations_current():
+                    problems["migrations"] = "migrations not applied"
+            except Exception as exc:  # noqa: BLE001
+                problems["migrations"] = type(exc).__name__
+        if self.supervisor is None:
+            problems["actors"] = "not started"
+        elif failing := self.supervisor.failing():
+            problems["actors"] = "not running: " + ", ".join(sorted(failing))
+        if self.outbox is not None and (channel := self.outbox.readiness_problem()):
+            problems["channels"] = channel
+        return problems
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def request_shutdown(self) -> None:
+        self._shutdown.set()
+
+    async def run(self) -> None:
+        settings = self.settings
+        sockets, hypercorn_config = self._bind()
+        log.info("starting", mode=settings.mode, database=self.store.dialect,
+                 bind=settings.server.bind, port=self.bound_port, version=_version())
+        await self.store.open()
+        try:
+            async with anyio.create_task_group() as root:
+                root.start_soon(self.store.run_writer, name="sqlite-writer")
+                applied = await self.store.migrate()
+                if applied:
+                    log.info("migrations_applied", versions=applied)
+                created, sent, paid = await self.store.read(invoices.totals)
+                self.metrics.set_totals(created, sent, paid)
+                owns_http = self._http is None
+                http = self._http or _make_http()
+                try:
+                    await self._run_services(http, sockets, hypercorn_config)
+                finally:
+                    if owns_http:
+                        with anyio.CancelScope(shield=True):
+                            await http.aclose()
+                root.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.store.close()
+            log.info("stopped")
+
+    def _build(self, tg_supervisor: Supervisor, http: httpx.AsyncClient) -> list[Any]:
+        """Gateways, actors and routes; returns the extra blueprints."""
+        s = self.settings
+        whatsapp = (WhatsAppClient(http, s.whatsapp.api_base, s.whatsapp.phone_id, s.whatsapp.token)
+                    if s.whatsapp.token and s.whatsapp.phone_id else None)
+        sms = (AfricasTalkingClient(http, s.sms.api_base, s.sms.username, s.sms.api_key, s.sms.sender_id or None)
+               if s.sms.api_key and s.sms.username else None)
+        if whatsapp is None:
+            log.warning("channel_not_configured", channel="whatsapp",
+                        hint="set whatsapp.token and whatsapp.phone_id (WABA_TOKEN, WABA_PHONE_ID)")
+        if sms is None:
+            log.warning("channel_not_configured", channel="sms",
+                        hint="set sms.username and sms.api_key (SMS_USERNAME, SMS_API_KEY)")
+
+        core = Outbox(store=self.store, settings=s, clock=self.clock, metrics=self.metrics)
+        self.outbox = outbox = OutboxActor(core=core, whatsapp=whatsapp, sms=sms, stopping=self.stopping,
+                                           worker_id=self.worker_id)
+        self.dispatch.wakers["outbox"] = outbox.waker
+        tracker = DeliveryTracker(core, outbox.waker.wake)
+        session = SessionActor(store=self.store, settings=s, clock=self.clock, metrics=self.metrics,
+                               dispatch=self.dispatch)
+        for name, handler in (("session", session.handle), ("delivery", tracker.handle)):
+            registry: Registry[Any] = Registry(name, handler, idle_s=self._idle_s, metrics=self.metrics)
+            self.dispatch.registries[name] = registry
+            tg_supervisor.start(f"registry:{name}", registry.run)
+        self.scheduler = scheduler = Scheduler(store=self.store, clock=self.clock, kick=self.dispatch.kick,
+                                               stopping=self.stopping)
+        self.dispatch.wakers["scheduler"] = scheduler.waker
+        tg_supervisor.start("outbox", outbox.run)
+        tg_supervisor.start("scheduler", scheduler.run)
+        return [whatsapp_routes.bp]
+
+    async def _run_services(self, http: httpx.AsyncClient, sockets: Sockets, config: HypercornConfig) -> None:
+        settings = self.settings
+        async with anyio.create_task_group() as actors_tg:
+            self.supervisor = supervisor = Supervisor(actors_tg, self.metrics)
+            blueprints = self._build(supervisor, http)
+            services = Services(
+                settings=settings, store=self.store, metrics=self.metrics, clock=self.clock,
+                dispatch=self.dispatch, readiness=self.readiness, extras={"blueprints": blueprints})
+            app = create_app(services)
+            served = anyio.Event()
+
+            async def serve() -> None:
+                try:
+                    await worker_serve(wrap_app(app, config.wsgi_max_body_size, None), config,
+                                       sockets=sockets, shutdown_trigger=self._shutdown.wait)
+                finally:
+                    served.set()
+
+            actors_tg.start_soon(serve, name="http")
+            actors_tg.start_soon(self._watch_signals, name="signals")
+            actors_tg.start_soon(self._announce_ready, name="ready")
+
+            await self._shutdown.wait()
+            grace = settings.server.shutdown_grace_s
+            log.info("shutting_down", grace_s=grace)
+            self.notifier.stopping()
+            with anyio.move_on_after(grace + 1):
+                await served.wait()
+            # Actors finish the work in hand; anything not begun stays in the database.
+            self.stopping.set()
+            for waker in self.dispatch.wakers.values():
+                waker.wake()
+            with anyio.move_on_after(grace):
+                if self.outbox is not None:
+                    await self.outbox.drain()
+            actors_tg.cancel_scope.cancel()
+
+    def _bind(self) -> tuple[Sockets, HypercornConfig]:
+        config = HypercornConfig()
+        config.bind = [self.settings.server.bind]
+        config.graceful_timeout = float(self.settings.server.shutdown_grace_s)
+        config.accesslog = None  # URLs carry pay tokens and callback secrets
+        config.errorlog = logging.getLogger("hypercorn.error")  # through our JSON formatter
+        config.keep_alive_timeout = 75  # above typical load balancers' idle timeouts
+        config.include_server_header = False
+        sockets = config.create_sockets()
+        for sock in sockets.insecure_sockets:
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                self.bound_port = sock.getsockname()[1]
+        return sockets, config
+
+    async def _watch_signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("signal_received", signal=signal.Signals(signum).name)
+                self.request_shutdown()
+                return
+
+    async def _announce_ready(self) -> None:
+        """READY=1 once /readyz would answer 200; then WATCHDOG=1 while the loop is alive."""
+        while not self._shutdown.is_set():
+            if not await self.readiness():
+                break
+            await anyio.sleep(0.05)
+        else:
+            return
+        log.info("ready", url=f"http://{self.settings.server.host}:{self.bound_port}", mode=self.settings.mode)
+        self.ready.set()
+        self.notifier.ready(status=f"serving on port {self.bound_port}")
+        interval = watchdog_interval_s()
+        if interval is None:
+            return
+        while not self._shutdown.is_set():
+            # Liveness, not readiness: the event loop answers and the actors run. A database
+            # outage is reported by /readyz and waited out; a restart would not cure it.
+            if self.supervisor is not None and not self.supervisor.failing():
+                self.notifier.watchdog()
+            await anyio.sleep(interval)
+
+
+def _make_http() -> httpx.AsyncClient:
+    from .gateways.http import make_client
+
+    return make_client()
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__

@@ -1,0 +1,57 @@
+"""The Quart application factory: routes, body limits, JSON errors, request metrics."""
+
+from __future__ import annotations
+
+import time
+
+from quart import Quart, Response, request
+from werkzeug.exceptions import HTTPException
+
+from ..observability import get_logger
+from . import api, health
+from .common import error
+from .context import Services
+
+log = get_logger(__name__)
+
+
+def create_app(svc: Services) -> Quart:
+    app = Quart("invoiceiq")
+    app.extensions["invoiceiq"] = svc
+    limit = svc.settings.server.max_body_bytes
+    app.config.update(MAX_CONTENT_LENGTH=limit, BODY_TIMEOUT=30, RESPONSE_TIMEOUT=60)
+
+    for blueprint in (health.bp, api.bp, *svc.extras.get("blueprints", ())):
+        app.register_blueprint(blueprint)
+
+    @app.before_request
+    async def _start() -> Response | None:
+        request.scope["iq_started"] = time.perf_counter()
+        length = request.content_length
+        if length is not None and length > limit:
+            svc.metrics.webhook_rejected.labels("too_large").inc()
+            return error(413, f"request body over {limit} bytes")
+        return None
+
+    @app.after_request
+    async def _observe(response: Response) -> Response:
+        started = request.scope.get("iq_started")
+        if started is not None:
+            rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
+            svc.metrics.http_latency.labels(rule, request.method).observe(time.perf_counter() - started)
+        return response
+
+    @app.errorhandler(HTTPException)
+    async def _http_error(exc: HTTPException) -> Response:
+        code = exc.code or 500
+        if code == 413:
+            svc.metrics.webhook_rejected.labels("too_large").inc()
+            return error(413, f"request body over {limit} bytes")
+        return error(code, exc.name.lower() if exc.name else "error")
+
+    @app.errorhandler(Exception)
+    async def _crash(exc: Exception) -> Response:
+        log.exception("request_failed", route=request.path, method=request.method)
+        return error(500, "internal error")
+
+    return app

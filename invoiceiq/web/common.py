@@ -1,0 +1,71 @@
+"""Small pieces every route uses: JSON responses, admin auth, the client's address."""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+from collections.abc import Iterable
+from typing import Any
+
+import orjson
+from quart import Response, request
+
+from ..observability import get_logger
+from .context import services
+
+log = get_logger(__name__)
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status=status, content_type="application/json", headers=headers)
+
+
+def error(status: int, message: str, **extra: Any) -> Response:
+    return json_response({"error": message, **extra}, status)
+
+
+def secrets_equal(given: str | None, expected: str) -> bool:
+    """Constant-time comparison; an empty expected secret never matches."""
+    if not expected or given is None:
+        return False
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+def admin_denied() -> Response | None:
+    """None when the request carries the admin token; else the response to send."""
+    token = services().settings.admin.token
+    if not token:
+        return error(403, "the internal API is disabled: set admin.token (or ADMIN_TOKEN) to enable it")
+    header = request.headers.get("Authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not secrets_equal(given.strip(), token):
+        services().metrics.webhook_rejected.labels("admin_auth").inc()
+        log.warning("api_auth_failed", route=request.path)
+        return error(401, "missing or wrong bearer token", )
+    return None
+
+
+def _in(address: str, networks: Iterable[str]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in ipaddress.ip_network(net, strict=False) for net in networks)
+
+
+def client_ip() -> str:
+    """The caller's address; ``X-Forwarded-For`` is believed only from a trusted proxy."""
+    peer = (request.scope.get("client") or ("", 0))[0] or ""
+    trusted = services().settings.server.trusted_proxies
+    if trusted and _in(peer, trusted):
+        forwarded = [h.strip() for h in request.headers.get("X-Forwarded-For", "").split(",") if h.strip()]
+        # Walk from the nearest hop back, skipping our own proxies.
+        for hop in reversed(forwarded):
+            if not _in(hop, trusted):
+                return hop
+    return peer
+
+
+def ip_allowed(address: str, allow: Iterable[str]) -> bool:
+    allow = list(allow)
+    return not allow or _in(address, allow)

@@ -1,0 +1,124 @@
+"""The WhatsApp Cloud API webhook: verify, store, post to a mailbox, answer.
+
+* ``GET``: Meta's subscription handshake (the verify token) -> the challenge, else 403.
+* ``POST``: the ``X-Hub-Signature-256`` HMAC over the raw bytes, compared in constant time;
+  missing or wrong -> 401 and nothing stored. Every message and status is stored in the
+  inbox (deduplicated by its id) and logged, in one transaction, before the 200: if the
+  database cannot take it we answer 503 so that Meta retries. A body that verifies but that we
+  do not understand is logged and answered 200 (Meta retries non-2xx for days).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from quart import Blueprint, Response, request
+
+from ..core.model import Channel, Direction
+from ..gateways import whatsapp as wa
+from ..observability import get_logger
+from ..store import StoreError, Tx, customers, inbox, messages
+from .common import error, json_response, secrets_equal
+from .context import services
+
+bp = Blueprint("whatsapp", __name__)
+log = get_logger(__name__)
+
+# Message kinds the bot acts on; the rest (images, locations, reactions...) are logged only.
+ACTIONABLE = frozenset({"text", "button_reply", "quick_reply", "list_reply"})
+
+
+@bp.get("/whatsapp/webhook")
+async def verify() -> Response:
+    svc = services()
+    mode = request.args.get("hub.mode")
+    token = request.args.get("hub.verify_token")
+    challenge = request.args.get("hub.challenge", "")
+    if mode == "subscribe" and secrets_equal(token, svc.settings.whatsapp.verify_token):
+        log.info("whatsapp_subscription_verified")
+        return Response(challenge, status=200, content_type="text/plain; charset=utf-8")
+    svc.metrics.webhook_rejected.labels("whatsapp_verify_token").inc()
+    log.warning("whatsapp_verification_refused", mode=mode)
+    return Response("forbidden", status=403, content_type="text/plain; charset=utf-8")
+
+
+@bp.post("/whatsapp/webhook")
+async def receive() -> Response:
+    svc = services()
+    body = await request.get_data(cache=False)
+    if not wa.verify_signature(svc.settings.whatsapp.app_secret, body,
+                               request.headers.get("X-Hub-Signature-256")):
+        reason = "missing_signature" if "X-Hub-Signature-256" not in request.headers else "bad_signature"
+        svc.metrics.webhook_rejected.labels(f"whatsapp_{reason}").inc()
+        log.warning("webhook_rejected", provider="whatsapp", reason=reason, bytes=len(body))
+        return error(401, "invalid signature")
+    try:
+        decoded = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        svc.metrics.webhook_rejected.labels("whatsapp_not_json").inc()
+        log.warning("webhook_unreadable", provider="whatsapp", bytes=len(body))
+        return json_response({"status": "ignored"})
+    batch = wa.parse_webhook(decoded)
+    for what in batch.ignored:
+        log.info("webhook_part_ignored", provider="whatsapp", what=what[:200])
+    for err in batch.errors:
+        log.warning("whatsapp_error_event", code=err.code, title=err.title)
+
+    now = svc.clock.now_ms()
+    try:
+        sessions, statuses, counts = await svc.store.write(lambda tx: _store(tx, batch, now))
+    except StoreError:
+        log.error("webhook_not_stored", provider="whatsapp", messages=len(batch.messages),
+                  statuses=len(batch.statuses))
+        return error(503, "storage unavailable, retry later")
+    for event in counts:
+        svc.metrics.messages.labels("WHATSAPP", "IN", event).inc()
+    for key in sessions:
+        await svc.dispatch.kick("session", key)
+    for key in statuses:
+        await svc.dispatch.kick("delivery", key)
+    return json_response({"status": "ok"})
+
+
+async def _store(tx: Tx, batch: wa.WebhookBatch, now: int) -> tuple[list[str], list[str], list[str]]:
+    """Inbox + message_log for everything new in ``batch``; which keys to kick."""
+    sessions: dict[str, None] = {}
+    statuses: dict[str, None] = {}
+    counts: list[str] = []
+    for m in batch.messages:
+        if not m.from_msisdn:
+            log.info("message_without_phone_ignored", kind=m.kind)
+            continue
+        actionable = m.kind in ACTIONABLE and m.text is not None
+        payload: dict[str, Any] = {"from": m.from_msisdn, "kind": m.kind, "text": m.text, "title": m.title,
+                                   "context_id": m.context_id, "timestamp_s": m.timestamp_s}
+        seq = await inbox.put(tx, source="whatsapp", event_id=m.id, actor="session", actor_key=m.from_msisdn,
+                              kind=m.kind, payload=payload, now_ms=now)
+        if seq is None:
+            counts.append("duplicate")
+            log.info("webhook_duplicate", provider="whatsapp", kind=m.kind)
+            continue
+        await messages.log_message(tx, channel=Channel.WHATSAPP, direction=Direction.IN, event="inbound",
+                                   payload={"wamid": m.id, **payload})
+        # The customer wrote: their 24-hour window starts at their message's own time.
+        sent_ms = min(now, m.timestamp_s * 1000) if m.timestamp_s else now
+        await customers.touch_inbound(tx, m.from_msisdn, sent_ms)
+        counts.append("inbound")
+        if actionable:
+            sessions[m.from_msisdn] = None
+        else:
+            await inbox.mark_processed(tx, seq, now)
+            log.info("message_kind_ignored", kind=m.kind)
+    for s in batch.statuses:
+        first = s.errors[0] if s.errors else None
+        payload = {"status": s.status, "recipient": s.recipient, "timestamp_s": s.timestamp_s,
+                   "code": first.code if first else None,
+                   "reason": (first.details or first.title) if first else None}
+        seq = await inbox.put(tx, source="whatsapp", event_id=f"{s.message_id}:{s.status}", actor="delivery",
+                              actor_key=s.message_id, kind="status", payload=payload, now_ms=now)
+        if seq is None:
+            counts.append("duplicate_status")
+            continue
+        statuses[s.message_id] = None
+    return list(sessions), list(statuses), counts

@@ -1,0 +1,267 @@
+"""Running the real daemon in-process for tests: real HTTP on loopback, providers faked with respx.
+
+``running_daemon(...)`` starts ``Daemon.run`` in a task group on an ephemeral port, waits for
+readiness, and yields a handle with an httpx client pointed at it. The daemon's own outbound
+HTTP goes to a ``respx`` router (``FakeProviders``) that records every request and answers like
+the real Graph API and Africa's Talking (success by default, failures on demand).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import itertools
+import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs
+
+import anyio
+import httpx
+import respx
+
+from invoiceiq.clock import Clock
+from invoiceiq.config import Settings, load_settings
+from invoiceiq.daemon import Daemon
+
+APP_SECRET = "test_app_secret_0123456789abcdef"
+VERIFY_TOKEN = "verify-token-for-tests"
+WA_TOKEN = "EAAG-test-token"
+PHONE_ID = "106540352242922"
+MERCHANT = "254700000001"
+CUSTOMER = "254712345678"
+ADMIN_TOKEN = "admin-token-for-tests-0123"
+GRAPH = "https://graph.test/v25.0"
+AT_BASE = "https://at.test"
+DARAJA = "https://daraja.test"
+PUBLIC_URL = "https://pay.test"
+
+
+def base_env(database_url: str, **extra: str) -> dict[str, str]:
+    env = {
+        "INVOICEIQ_MODE": "live",
+        "INVOICEIQ_SERVER_BIND": "127.0.0.1:0",
+        "INVOICEIQ_SERVER_PUBLIC_URL": PUBLIC_URL,
+        "INVOICEIQ_SERVER_SHUTDOWN_GRACE_S": "2",
+        "DATABASE_URL": database_url,
+        "MERCHANT_MSISDN": MERCHANT,
+        "ADMIN_TOKEN": ADMIN_TOKEN,
+        "WABA_TOKEN": WA_TOKEN,
+        "WABA_PHONE_ID": PHONE_ID,
+        "WABA_VERIFY_TOKEN": VERIFY_TOKEN,
+        "WABA_APP_SECRET": APP_SECRET,
+        "INVOICEIQ_WHATSAPP_API_BASE": GRAPH,
+        "SMS_USERNAME": "invoiceiq",
+        "SMS_API_KEY": "at-api-key-for-tests",
+        "INVOICEIQ_SMS_API_BASE": AT_BASE,
+        "MPESA_CONSUMER_KEY": "ck-test",
+        "MPESA_CONSUMER_SECRET": "cs-test",
+        "MPESA_SHORTCODE": "174379",
+        "MPESA_PASSKEY": "bfb279f9aa9bdbcf158e97dd71a467cd2e0c893059b10f78e6b72ada1ed2c919",
+        "INVOICEIQ_MPESA_API_BASE": DARAJA,
+    }
+    env.update(extra)
+    return env
+
+
+def make_settings(database_url: str, **extra: str) -> Settings:
+    return load_settings(None, base_env(database_url, **extra))
+
+
+@dataclass
+class Sent:
+    to: str
+    kind: str  # text | interactive | template | sms
+    body: dict[str, Any]
+    message_id: str
+
+    @property
+    def text(self) -> str:
+        if self.kind == "text":
+            return str(self.body["text"]["body"])
+        if self.kind == "interactive":
+            return str(self.body["interactive"]["body"]["text"])
+        if self.kind == "sms":
+            return str(self.body["message"])
+        return json.dumps(self.body["template"])
+
+    @property
+    def button_ids(self) -> list[str]:
+        if self.kind == "interactive":
+            return [b["reply"]["id"] for b in self.body["interactive"]["action"]["buttons"]]
+        if self.kind == "template":
+            return [p["payload"] for c in self.body["template"].get("components", [])
+                    if c.get("type") == "button" for p in c.get("parameters", [])]
+        return []
+
+
+@dataclass
+class FakeProviders:
+    """The Graph API and Africa's Talking as the daemon sees them, recording every send."""
+
+    sent: list[Sent] = field(default_factory=list)
+    # Per channel, a queue of canned failures: each entry is (status_code, json_or_text, headers).
+    wa_failures: list[tuple[int, Any, dict[str, str]]] = field(default_factory=list)
+    sms_failures: list[tuple[int, Any, dict[str, str]]] = field(default_factory=list)
+    wa_fail_for: dict[str, tuple[int, Any]] = field(default_factory=dict)
+    requests: list[httpx.Request] = field(default_factory=list)
+    extra_routes: list[Callable[[respx.Router], None]] = field(default_factory=list)
+    _ids: Any = field(default_factory=lambda: itertools.count(1))
+
+    def router(self) -> respx.Router:
+        router = respx.Router(assert_all_called=False, assert_all_mocked=True)
+        router.post(url__regex=rf"^{GRAPH}/{PHONE_ID}/messages$").mock(side_effect=self._graph)
+        router.post(f"{AT_BASE}/version1/messaging").mock(side_effect=self._sms)
+        for add in self.extra_routes:
+            add(router)
+        return router
+
+    def _graph(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        assert request.headers["Authorization"] == f"Bearer {WA_TOKEN}"
+        body = json.loads(request.content)
+        if self.wa_failures:
+            status, payload, headers = self.wa_failures.pop(0)
+            return httpx.Response(status, json=payload, headers=headers)
+        if body["to"] in self.wa_fail_for:
+            status, payload = self.wa_fail_for[body["to"]]
+            return httpx.Response(status, json=payload)
+        wamid = f"wamid.T{next(self._ids)}"
+        self.sent.append(Sent(body["to"], body["type"], body, wamid))
+        return httpx.Response(200, json={"messaging_product": "whatsapp",
+                                         "contacts": [{"input": body["to"], "wa_id": body["to"]}],
+                                         "messages": [{"id": wamid}]})
+
+    def _sms(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        form = {k: v[0] for k, v in parse_qs(request.content.decode()).items()}
+        if self.sms_failures:
+            status, payload, headers = self.sms_failures.pop(0)
+            if isinstance(payload, str):
+                return httpx.Response(status, text=payload, headers=headers)
+            return httpx.Response(status, json=payload, headers=headers)
+        mid = f"ATXid_{next(self._ids)}"
+        self.sent.append(Sent(form["to"].lstrip("+"), "sms", form, mid))
+        return httpx.Response(201, json={"SMSMessageData": {"Message": "Sent to 1/1 Total Cost: KES 0.8000", "Recipients": [
+            {"statusCode": 101, "number": form["to"], "status": "Success", "cost": "KES 0.8000", "messageId": mid}]}},
+            headers={"Content-Type": "application/json"})
+
+    def to(self, msisdn: str) -> list[Sent]:
+        return [s for s in self.sent if s.to == msisdn]
+
+    def texts(self, msisdn: str) -> list[str]:
+        return [s.text for s in self.to(msisdn)]
+
+
+def sign(body: bytes, secret: str = APP_SECRET) -> str:
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+_wamids = itertools.count(1)
+
+
+def inbound_text(sender: str, text: str, *, wamid: str | None = None, timestamp: int = 1_764_158_400,
+                 name: str = "Test") -> dict[str, Any]:
+    return _envelope(sender, name, {"from": sender, "id": wamid or f"wamid.IN{next(_wamids)}",
+                                    "timestamp": str(timestamp), "type": "text", "text": {"body": text}})
+
+
+def inbound_button(sender: str, button_id: str, title: str = "Button", *, wamid: str | None = None,
+                   context: str = "wamid.CTX") -> dict[str, Any]:
+    return _envelope(sender, "Test", {
+        "context": {"from": "254700100200", "id": context}, "from": sender,
+        "id": wamid or f"wamid.IN{next(_wamids)}", "timestamp": "1764158400", "type": "interactive",
+        "interactive": {"type": "button_reply", "button_reply": {"id": button_id, "title": title}}})
+
+
+def status_event(wamid: str, status: str, recipient: str, errors: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    item: dict[str, Any] = {"id": wamid, "status": status, "timestamp": "1764158460", "recipient_id": recipient}
+    if errors:
+        item["errors"] = errors
+    return {"object": "whatsapp_business_account", "entry": [{"id": "102290129340398", "changes": [{
+        "field": "messages", "value": {"messaging_product": "whatsapp",
+                                       "metadata": {"display_phone_number": "254700100200", "phone_number_id": PHONE_ID},
+                                       "statuses": [item]}}]}]}
+
+
+def _envelope(sender: str, name: str, message: dict[str, Any]) -> dict[str, Any]:
+    return {"object": "whatsapp_business_account", "entry": [{"id": "102290129340398", "changes": [{
+        "field": "messages", "value": {
+            "messaging_product": "whatsapp",
+            "metadata": {"display_phone_number": "254700100200", "phone_number_id": PHONE_ID},
+            "contacts": [{"profile": {"name": name}, "wa_id": sender}],
+            "messages": [message]}}]}]}
+
+
+@dataclass
+class Handle:
+    daemon: Daemon
+    client: httpx.AsyncClient
+    providers: FakeProviders
+
+    @property
+    def store(self):  # type: ignore[no-untyped-def]
+        return self.daemon.store
+
+    async def post_webhook(self, payload: dict[str, Any], *, secret: str = APP_SECRET) -> httpx.Response:
+        body = json.dumps(payload, ensure_ascii=True, separators=(",", ":")).encode()
+        return await self.client.post("/whatsapp/webhook", content=body, headers={
+            "Content-Type": "application/json", "X-Hub-Signature-256": sign(body, secret)})
+
+    async def say(self, sender: str, text: str, **kw: Any) -> httpx.Response:
+        response = await self.post_webhook(inbound_text(sender, text, **kw))
+        assert response.status_code == 200, response.text
+        return response
+
+    async def tap(self, sender: str, button_id: str, **kw: Any) -> httpx.Response:
+        response = await self.post_webhook(inbound_button(sender, button_id, **kw))
+        assert response.status_code == 200, response.text
+        return response
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
+        try:
+            with anyio.fail_after(timeout):
+                while not predicate():
+                    await anyio.sleep(0.01)
+        except TimeoutError:
+            raise AssertionError(f"timed out waiting for {what}; sent so far: "
+                                 f"{[(s.to, s.kind, s.text[:60]) for s in self.providers.sent]}") from None
+
+    async def wait_for_texts(self, msisdn: str, count: int, timeout: float = 5.0) -> list[str]:
+        await self.wait_for(lambda: len(self.providers.to(msisdn)) >= count, timeout,
+                            f"{count} messages to {msisdn}")
+        return self.providers.texts(msisdn)
+
+    async def settle(self, timeout: float = 5.0) -> None:
+        """Wait until nothing is queued or running (inbox processed, outbox empty)."""
+        from invoiceiq.store import inbox, outbox
+
+        async def idle() -> bool:
+            pending = await self.store.read(outbox.pending_count)
+            waiting = await self.store.read(inbox.count_unprocessed)
+            return pending == 0 and waiting == 0 and (self.daemon.outbox is None or self.daemon.outbox.in_flight == 0)
+
+        with anyio.fail_after(timeout):
+            while not await idle():
+                await anyio.sleep(0.01)
+
+
+@asynccontextmanager
+async def running_daemon(settings: Settings, *, providers: FakeProviders | None = None, clock: Clock | None = None,
+                         idle_s: float = 30.0) -> AsyncIterator[Handle]:
+    providers = providers or FakeProviders()
+    router = providers.router()
+    http = httpx.AsyncClient(transport=httpx.MockTransport(router.async_handler))
+    daemon = Daemon(settings, clock=clock, http=http, idle_s=idle_s)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(daemon.run)
+        with anyio.fail_after(15):
+            await daemon.ready.wait()
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{daemon.bound_port}", timeout=10) as client:
+            try:
+                yield Handle(daemon, client, providers)
+            finally:
+                daemon.request_shutdown()
+    await http.aclose()
