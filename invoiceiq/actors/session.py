@@ -153,7 +153,7 @@ class SessionActor:
                 if isinstance(effect, copy.Reply):
                     await self._reply(tx, merchant, effect, now, after)
                 elif isinstance(effect, FindCustomers):
-                    found = await customers.find_by_name(tx, effect.query)
+                    found = await customers.find_by_name(tx, effect.query, limit=copy.MAX_PICK_CANDIDATES + 1)
                     pending.append(CustomersFound(effect.query, tuple(found)))
                 elif isinstance(effect, CreateInvoice):
                     invoice = await effects.create_invoice(

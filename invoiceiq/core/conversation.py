@@ -409,7 +409,7 @@ def _on_customers_found(state: ConversationState, event: CustomersFound) -> Step
         return _idle(state), (CreateInvoice(c.msisdn, c.name, amount, description),)
     if len(matches) > copy.MAX_PICK_CANDIDATES:
         return _idle(state), (copy.too_many_matches(state.query),)
-    state = replace(state, candidates=matches)
+    state = replace(state, candidates=tuple(matches))  # a list would break equality
     return state, (_prompt(state),)
 
 

@@ -229,14 +229,21 @@ _EAT = timezone(timedelta(hours=3))
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def _eat(ms: int) -> datetime:
+    return (_EPOCH + timedelta(milliseconds=ms)).astimezone(_EAT)  # exact: no float seconds
+
+
 def format_time_eat(ms: int) -> str:
     """Epoch milliseconds -> ``14:30`` in Nairobi time."""
-    return datetime.fromtimestamp(ms / 1000, _EAT).strftime("%H:%M")
+    return f"{_eat(ms):%H:%M}"
 
 
 def _format_date_eat(ms: int) -> str:
     # Month names spelled out here: strftime("%b") follows the process locale.
-    t = datetime.fromtimestamp(ms / 1000, _EAT)
+    t = _eat(ms)
     return f"{t.day} {_MONTHS[t.month - 1]} {t.year}, {t:%H:%M}"
 
 

@@ -17,7 +17,8 @@ provider calls), so that holding the write lock for it is cheap.
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
@@ -309,9 +310,8 @@ class Database:
                     return await job(Tx(conn, "sqlite"))
                 finally:
                     self._reader_return.send_nowait(conn)
-            async with self._pg_slots:
-                async with databases.core.Connection(self._db, self._db._backend) as conn:
-                    return await job(Tx(conn, "postgresql"))
+            async with self._pg_slots, self._pg_connection() as conn:
+                return await job(Tx(conn, "postgresql"))
         except (Conflict, StoreError):
             raise
         except Exception as exc:
@@ -320,13 +320,32 @@ class Database:
             raise
 
     async def _pg_write(self, job: Job[T]) -> T:
-        async with self._pg_slots:
-            # A fresh Connection object per job: databases keys connections by task, and a job
-            # must own its connection and transaction outright.
-            conn = databases.core.Connection(self._db, self._db._backend)
-            async with conn:
-                async with conn.transaction():
-                    return await job(Tx(conn, "postgresql"))
+        async with self._pg_slots, self._pg_connection() as conn:
+            transaction = conn.transaction()
+            await transaction.start()
+            try:
+                result = await job(Tx(conn, "postgresql"))
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await transaction.rollback()
+                raise
+            with anyio.CancelScope(shield=True):
+                await transaction.commit()
+            return result
+
+    @asynccontextmanager
+    async def _pg_connection(self) -> AsyncIterator[databases.core.Connection]:
+        """A pooled connection of our own (databases keys connections by task; a job must own
+        its connection outright), always given back: anyio cancellation is level-triggered,
+        so an unshielded release in a cancelled task would be cancelled too and the pool
+        would wait for that connection forever when it closes."""
+        conn = databases.core.Connection(self._db, self._db._backend)
+        await conn.__aenter__()
+        try:
+            yield conn
+        finally:
+            with anyio.CancelScope(shield=True):
+                await conn.__aexit__(None, None, None)
 
 
 def _is_connection_error(exc: BaseException) -> bool:
