@@ -28,16 +28,20 @@ from hypercorn.config import Sockets
 from hypercorn.utils import wrap_app
 
 from .actors.outbox import DeliveryTracker, Outbox, OutboxActor
+from .actors.payment import PaymentActor, due_payments
 from .actors.runtime import Registry, Supervisor, Waker
 from .actors.scheduler import Scheduler
 from .actors.session import SessionActor
 from .clock import Clock, SystemClock
 from .config import Settings
+from .gateways.mpesa import DarajaClient
 from .gateways.sms import AfricasTalkingClient
 from .gateways.whatsapp import WhatsAppClient
 from .observability import Metrics, get_logger
-from .store import Store, invoices
+from .store import Store, Tx, invoices, meta
+from .store.ids import new_token
 from .systemd import Notifier, watchdog_interval_s
+from .web import payments as payment_routes
 from .web import whatsapp as whatsapp_routes
 from .web.app import create_app
 from .web.context import Services
@@ -89,6 +93,7 @@ class Daemon:
         self.supervisor: Supervisor | None = None
         self.outbox: OutboxActor | None = None
         self.scheduler: Scheduler | None = None
+        self.callback_secret: str | None = None
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self._shutdown = anyio.Event()
 
@@ -146,7 +151,22 @@ class Daemon:
                 await self.store.close()
             log.info("stopped")
 
-    def _build(self, tg_supervisor: Supervisor, http: httpx.AsyncClient) -> list[Any]:
+    async def _callback_secret(self) -> str:
+        """The secret path segment of the M-PESA callback URL: configured, taken from a
+        configured callback URL, or generated once and kept in the database (so that every
+        process, and every restart, answers at the same URL)."""
+        m = self.settings.mpesa
+        if m.callback_secret:
+            return m.callback_secret
+        if m.callback_url:
+            return m.callback_url.rstrip("/").rsplit("/", 1)[-1]
+
+        async def job(tx: Tx) -> str:
+            return await meta.get_or_set(tx, "mpesa_callback_secret", new_token(24))
+
+        return await self.store.write(job)
+
+    def _build(self, tg_supervisor: Supervisor, http: httpx.AsyncClient, callback_secret: str) -> list[Any]:
         """Gateways, actors and routes; returns the extra blueprints."""
         s = self.settings
         whatsapp = (WhatsAppClient(http, s.whatsapp.api_base, s.whatsapp.phone_id, s.whatsapp.token)
@@ -171,21 +191,37 @@ class Daemon:
             registry: Registry[Any] = Registry(name, handler, idle_s=self._idle_s, metrics=self.metrics)
             self.dispatch.registries[name] = registry
             tg_supervisor.start(f"registry:{name}", registry.run)
+        m = s.mpesa
+        daraja = (DarajaClient(http, m.api_base, m.consumer_key, m.consumer_secret, m.shortcode, m.passkey,
+                               now=self.clock.now_ms)
+                  if m.consumer_key and m.consumer_secret and m.shortcode and m.passkey else None)
+        if daraja is None:
+            log.warning("channel_not_configured", channel="mpesa",
+                        hint="set mpesa.consumer_key, consumer_secret, shortcode and passkey")
+        callback_url = m.callback_url or f"{s.server.public_base_url}/payments/stk/callback/{callback_secret}"
+        payment = PaymentActor(store=self.store, settings=s, clock=self.clock, metrics=self.metrics, daraja=daraja,
+                               wake_outbox=outbox.waker.wake, callback_url=callback_url)
+        registry = Registry("payment", payment.handle, idle_s=self._idle_s, metrics=self.metrics)
+        self.dispatch.registries["payment"] = registry
+        tg_supervisor.start("registry:payment", registry.run)
         self.scheduler = scheduler = Scheduler(store=self.store, clock=self.clock, kick=self.dispatch.kick,
-                                               stopping=self.stopping)
+                                               stopping=self.stopping,
+                                               due_payments=lambda now: due_payments(self.store, now))
         self.dispatch.wakers["scheduler"] = scheduler.waker
         tg_supervisor.start("outbox", outbox.run)
         tg_supervisor.start("scheduler", scheduler.run)
-        return [whatsapp_routes.bp]
+        return [whatsapp_routes.bp, payment_routes.bp]
 
     async def _run_services(self, http: httpx.AsyncClient, sockets: Sockets, config: HypercornConfig) -> None:
         settings = self.settings
         async with anyio.create_task_group() as actors_tg:
             self.supervisor = supervisor = Supervisor(actors_tg, self.metrics)
-            blueprints = self._build(supervisor, http)
+            self.callback_secret = secret = await self._callback_secret()
+            blueprints = self._build(supervisor, http, secret)
             services = Services(
                 settings=settings, store=self.store, metrics=self.metrics, clock=self.clock,
-                dispatch=self.dispatch, readiness=self.readiness, extras={"blueprints": blueprints})
+                dispatch=self.dispatch, readiness=self.readiness,
+                extras={"blueprints": blueprints, "callback_secret": secret})
             app = create_app(services)
             served = anyio.Event()
 

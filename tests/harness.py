@@ -98,6 +98,66 @@ class Sent:
 
 
 @dataclass
+class FakeDaraja:
+    """Daraja as the daemon sees it: OAuth, STK Push (recorded), STK Push Query (scripted)."""
+
+    pushes: list[dict[str, Any]] = field(default_factory=list)
+    queries: list[str] = field(default_factory=list)
+    # CheckoutRequestID -> what the query answers: None = still processing, else a ResultCode.
+    query_answers: dict[str, int | None] = field(default_factory=dict)
+    push_failures: list[tuple[int, Any]] = field(default_factory=list)
+    token_requests: int = 0
+    _ids: Any = field(default_factory=lambda: itertools.count(1))
+
+    def install(self, router: respx.Router) -> None:
+        router.get(f"{DARAJA}/oauth/v1/generate").mock(side_effect=self._oauth)
+        router.post(f"{DARAJA}/mpesa/stkpush/v1/processrequest").mock(side_effect=self._push)
+        router.post(f"{DARAJA}/mpesa/stkpushquery/v1/query").mock(side_effect=self._query)
+
+    def _oauth(self, request: httpx.Request) -> httpx.Response:
+        self.token_requests += 1
+        return httpx.Response(200, json={"access_token": f"tok{self.token_requests}", "expires_in": "3599"})
+
+    def _push(self, request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        if self.push_failures:
+            status, payload = self.push_failures.pop(0)
+            return httpx.Response(status, json=payload)
+        n = next(self._ids)
+        checkout = f"ws_CO_TEST{n:06d}"
+        body["_checkout"] = checkout
+        self.pushes.append(body)
+        return httpx.Response(200, json={"MerchantRequestID": f"mr-{n}", "CheckoutRequestID": checkout,
+                                         "ResponseCode": "0", "ResponseDescription": "Success. Request accepted for processing",
+                                         "CustomerMessage": "Success. Request accepted for processing"})
+
+    def _query(self, request: httpx.Request) -> httpx.Response:
+        checkout = json.loads(request.content)["CheckoutRequestID"]
+        self.queries.append(checkout)
+        answer = self.query_answers.get(checkout)
+        if answer is None:
+            return httpx.Response(500, json={"requestId": checkout, "errorCode": "500.001.1001",
+                                             "errorMessage": "The transaction is being processed"})
+        return httpx.Response(200, json={"ResponseCode": "0", "ResponseDescription": "The service request has been accepted successsfully",
+                                         "MerchantRequestID": "mr", "CheckoutRequestID": checkout,
+                                         "ResultCode": str(answer), "ResultDesc": "done"})
+
+
+def stk_callback(checkout: str, code: int = 0, *, amount: Any = None, receipt: str = "NLJ7RT61SV",
+                 phone: int = 254712345678, desc: str | None = None) -> dict[str, Any]:
+    """A callback body shaped like Safaricom's (tests/fixtures/providers/mpesa_callback_*.json)."""
+    cb: dict[str, Any] = {"MerchantRequestID": "29115-34620561-1", "CheckoutRequestID": checkout,
+                          "ResultCode": code, "ResultDesc": desc or ("The service request is processed successfully."
+                                                                       if code == 0 else "Request cancelled by user")}
+    if code == 0:
+        cb["CallbackMetadata"] = {"Item": [
+            {"Name": "Amount", "Value": amount}, {"Name": "MpesaReceiptNumber", "Value": receipt},
+            {"Name": "Balance"}, {"Name": "TransactionDate", "Value": 20261126102115},
+            {"Name": "PhoneNumber", "Value": phone}]}
+    return {"Body": {"stkCallback": cb}}
+
+
+@dataclass
 class FakeProviders:
     """The Graph API and Africa's Talking as the daemon sees them, recording every send."""
 
@@ -107,6 +167,7 @@ class FakeProviders:
     sms_failures: list[tuple[int, Any, dict[str, str]]] = field(default_factory=list)
     wa_fail_for: dict[str, tuple[int, Any]] = field(default_factory=dict)
     requests: list[httpx.Request] = field(default_factory=list)
+    daraja: FakeDaraja = field(default_factory=FakeDaraja)
     extra_routes: list[Callable[[respx.Router], None]] = field(default_factory=list)
     _ids: Any = field(default_factory=lambda: itertools.count(1))
 
@@ -114,6 +175,7 @@ class FakeProviders:
         router = respx.Router(assert_all_called=False, assert_all_mocked=True)
         router.post(url__regex=rf"^{GRAPH}/{PHONE_ID}/messages$").mock(side_effect=self._graph)
         router.post(f"{AT_BASE}/version1/messaging").mock(side_effect=self._sms)
+        self.daraja.install(router)
         for add in self.extra_routes:
             add(router)
         return router
@@ -209,6 +271,11 @@ class Handle:
         body = json.dumps(payload, ensure_ascii=True, separators=(",", ":")).encode()
         return await self.client.post("/whatsapp/webhook", content=body, headers={
             "Content-Type": "application/json", "X-Hub-Signature-256": sign(body, secret)})
+
+    async def callback(self, payload: dict[str, Any], *, secret: str | None = None) -> httpx.Response:
+        """POST an STK callback to the daemon's secret callback URL."""
+        path = f"/payments/stk/callback/{secret or self.daemon.callback_secret}"
+        return await self.client.post(path, json=payload)
 
     async def say(self, sender: str, text: str, **kw: Any) -> httpx.Response:
         response = await self.post_webhook(inbound_text(sender, text, **kw))

@@ -48,3 +48,23 @@ async def reply(tx: Tx, to: str, now_ms: int, message: copy.Reply, *, kind: str 
     return await outbox.enqueue(tx, recipient=to, channel=Channel.WHATSAPP, kind=kind,
                                 content=delivery.reply_content(message, sms), now_ms=now_ms,
                                 invoice_id=invoice_id, dedupe_key=dedupe_key)
+
+
+async def tell_customer(tx: Tx, invoice: Invoice, now_ms: int, message: copy.Reply, *, kind: str,
+                        dedupe_key: str | None = None, sms: str | None = None) -> int | None:
+    """Queue ``message`` to the invoice's customer by the channel that reached them (WhatsApp
+    until the invoice had to go by SMS); ``sms`` is its SMS form (default: its text)."""
+    channel = invoice.channel or Channel.WHATSAPP
+    return await outbox.enqueue(tx, recipient=invoice.msisdn, channel=channel, kind=kind,
+                                content=delivery.reply_content(message, sms), now_ms=now_ms,
+                                invoice_id=invoice.id, dedupe_key=dedupe_key)
+
+
+async def tell_merchant(tx: Tx, settings: Settings, now_ms: int, message: copy.Reply, *,
+                        invoice_id: str | None = None, dedupe_key: str | None = None,
+                        kind: str = "notice") -> int | None:
+    """Queue a WhatsApp message to the merchant (nothing when no merchant number is set)."""
+    if not settings.merchant.msisdn:
+        return None
+    return await reply(tx, settings.merchant.msisdn, now_ms, message, kind=kind, invoice_id=invoice_id,
+                       dedupe_key=dedupe_key)

@@ -27,6 +27,7 @@ from ..gateways.http import AuthError, GatewayError, PermanentError, TransientEr
 from ..observability import Metrics, get_logger
 from ..store import Store, Tx, customers, inbox, invoices, messages, outbox
 from ..store.outbox import OutboxRow
+from . import effects
 from .runtime import Waker
 
 if TYPE_CHECKING:
@@ -130,13 +131,8 @@ class Outbox:
                     tx, copy.delivery_failed(invoice), invoice.id, f"delivery-failed:{invoice.id}")
 
     async def tell_merchant(self, tx: Tx, reply: copy.Reply, invoice_id: str | None, dedupe_key: str) -> int:
-        merchant = self.settings.merchant.msisdn
-        if not merchant:
-            return 0
-        queued = await outbox.enqueue(
-            tx, recipient=merchant, channel=Channel.WHATSAPP, kind="notice",
-            content=delivery.reply_content(reply), now_ms=self.clock.now_ms(), invoice_id=invoice_id,
-            dedupe_key=dedupe_key)
+        queued = await effects.tell_merchant(tx, self.settings, self.clock.now_ms(), reply,
+                                             invoice_id=invoice_id, dedupe_key=dedupe_key)
         return 1 if queued is not None else 0
 
     def observe(self, after: _After) -> None:
@@ -166,7 +162,6 @@ class OutboxActor:
         self.in_flight = 0
         self._paused_until: dict[Channel, int] = {}
         self.channel_problems: dict[Channel, str] = {}
-        self.on_change: list[Any] = []
 
     # -- health ------------------------------------------------------------------------------
 
@@ -264,7 +259,7 @@ class OutboxActor:
             if reply.buttons:
                 sent = await self.whatsapp.send_buttons(row.recipient, reply.text, reply.buttons, reply.footer)
             else:
-                sent = await self.whatsapp.send_text(row.recipient, reply.text)
+                sent = await self.whatsapp.send_text(row.recipient, delivery.plain_text(reply))
         return sent.message_id
 
     async def _render(self, tx: Tx, row: OutboxRow) -> _Rendered:

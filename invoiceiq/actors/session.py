@@ -208,9 +208,8 @@ class SessionActor:
         verdict = invoicing.can_cancel(invoice)
         if verdict is invoicing.Verdict.OK and await invoices.cancel(tx, invoice.id, now):
             await outbox.cancel_pending_for_invoice(tx, invoice.id, ("invoice", "reminder"), now)
-            notice = copy.customer_cancelled_notice(invoice)
-            await effects.reply(tx, invoice.msisdn, now, notice, kind="notice", invoice_id=invoice.id,
-                                dedupe_key=f"cancelled:{invoice.id}")
+            await effects.tell_customer(tx, invoice, now, copy.customer_cancelled_notice(invoice),
+                                        kind="notice", dedupe_key=f"cancelled:{invoice.id}")
             log.info("invoice_cancelled", invoice_id=invoice.id)
             await self._reply(tx, merchant, copy.invoice_cancelled(invoice), now, after)
             return

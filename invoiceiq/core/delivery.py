@@ -74,9 +74,16 @@ def reply_content(reply: copy.Reply, sms: str | None = None) -> dict[str, Any]:
                    "buttons": [[b.id, b.title] for b in reply.buttons], "footer": reply.footer}
     else:
         content = {"type": "text", "body": reply.text}
+        if reply.footer:
+            content["footer"] = reply.footer
     if sms is not None:
         content["sms"] = sms
     return content
+
+
+def plain_text(reply: copy.Reply) -> str:
+    """A message without buttons goes as plain text, which has no footer: append it."""
+    return f"{reply.text}\n\n{reply.footer}" if reply.footer else reply.text
 
 
 def sms_from_content(content: dict[str, Any]) -> str:

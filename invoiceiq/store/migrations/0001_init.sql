@@ -75,6 +75,7 @@ CREATE TABLE stk_attempts (
   result_code INTEGER,
   result_desc TEXT,
   next_check_at_ms BIGINT,
+  queries INTEGER NOT NULL DEFAULT 0,
   expire_at_ms BIGINT NOT NULL,
   resolved_at_ms BIGINT,
   source TEXT NOT NULL

@@ -1,0 +1,353 @@
+"""The payment actor: one per invoice, serialising its STK attempts.
+
+Everything that reaches it is in the inbox first (Pay requests from WhatsApp, SMS, the pay
+page and the API; M-PESA callbacks), and every outcome is one transaction:
+
+* a Pay request is decided by ``core.settlement.decide_pay``; a start inserts the INITIATED
+  attempt (the partial unique index refuses a second one, whatever the process) and only
+  then calls Daraja, outside any transaction; Daraja's answer is recorded in a second one;
+* a callback, or the answer to a status query, is applied by ``core.settlement.settle``:
+  PAID with receipts to both parties, or a failure told in plain words with a retry button,
+  or — for money that cannot settle the invoice — an alert to the merchant;
+* attempts without an answer are queried after ``mpesa.query_after_s``, then with backoff,
+  and expire after ``mpesa.expire_after_s``. Each query is claimed first (a compare-and-set
+  on its due time) so that exactly one process sends it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..clock import Clock
+from ..core import copy, delivery, settlement
+from ..core.model import Channel, Invoice, PaymentStatus, cents_to_kes
+from ..gateways.http import AuthError, GatewayError, TransientError
+from ..observability import Metrics, get_logger
+from ..store import Store, Tx, inbox, invoices, outbox, payments
+from ..store.payments import Attempt
+from . import effects
+
+if TYPE_CHECKING:
+    from ..config import Settings
+    from ..gateways.mpesa import DarajaClient
+
+log = get_logger(__name__)
+ACTOR = "payment"
+
+
+@dataclass
+class _After:
+    queued: int = 0
+    paid: list[Invoice] = field(default_factory=list)
+    stk_results: list[str] = field(default_factory=list)
+
+    def reset(self) -> None:
+        self.queued = 0
+        self.paid.clear()
+        self.stk_results.clear()
+
+
+@dataclass(frozen=True)
+class _Push:
+    attempt: Attempt
+    invoice: Invoice
+    via: str
+
+
+@dataclass(frozen=True)
+class _Query:
+    attempt: Attempt
+
+
+class PaymentActor:
+    def __init__(self, *, store: Store, settings: Settings, clock: Clock, metrics: Metrics,
+                 daraja: DarajaClient | None, wake_outbox: Any, callback_url: str) -> None:
+        self.store = store
+        self.settings = settings
+        self.clock = clock
+        self.metrics = metrics
+        self.daraja = daraja
+        self.wake_outbox = wake_outbox
+        self.callback_url = callback_url
+        m = settings.mpesa
+        self.limits = settlement.PushLimits(m.push_min_interval_s * 1000, m.push_limit, m.push_window_s * 1000)
+        self.query_after_ms = m.query_after_s * 1000
+        self.expire_after_ms = m.expire_after_s * 1000
+
+    async def handle(self, invoice_id: str, _message: Any) -> None:
+        """Registry handler: work through this invoice's inbox, then its due checks."""
+        while True:
+            after = _After()
+            work = await self.store.write(lambda tx: self._next_event(tx, invoice_id, after))
+            self._observe(after)
+            if work is None:
+                break
+            if isinstance(work, _Push):
+                await self._push(work)
+        for attempt in await self.store.read(lambda tx: payments.for_invoice(tx, invoice_id)):
+            if attempt.resolved_at_ms is None and attempt.next_check_at_ms is not None \
+                    and attempt.next_check_at_ms <= self.clock.now_ms():
+                await self._check(attempt)
+
+    def _observe(self, after: _After) -> None:
+        if after.queued:
+            self.wake_outbox()
+        for result in after.stk_results:
+            self.metrics.stk_requests.labels(result).inc()
+        for invoice in after.paid:
+            self.metrics.invoices_paid.inc()
+            if invoice.sent_at_ms is not None and invoice.paid_at_ms is not None:
+                self.metrics.time_to_pay.observe(max(0, invoice.paid_at_ms - invoice.sent_at_ms) / 1000)
+        if after.paid:
+            self.metrics.update_conversion()
+
+    # -- inbox events ------------------------------------------------------------------------
+
+    async def _next_event(self, tx: Tx, invoice_id: str, after: _After) -> _Push | bool | None:
+        """Process one inbox event; a ``_Push`` when Daraja must be called, True to go on."""
+        after.reset()
+        events = await inbox.pending(tx, ACTOR, invoice_id, limit=1)
+        if not events:
+            return None
+        event = events[0]
+        now = self.clock.now_ms()
+        if not await inbox.mark_processed(tx, event.seq, now):
+            return True
+        invoice = await invoices.get(tx, invoice_id)
+        if invoice is None:
+            log.warning("payment_event_for_unknown_invoice", invoice_id=invoice_id, kind=event.kind)
+            return True
+        if event.kind == "pay_request":
+            return await self._pay_request(tx, invoice, event.payload, now, after)
+        if event.kind == "callback":
+            await self._callback(tx, invoice, event.payload, now, after)
+        return True
+
+    async def _pay_request(self, tx: Tx, invoice: Invoice, payload: dict[str, Any], now: int,
+                           after: _After) -> _Push | bool:
+        via = str(payload.get("via") or "api")
+        phone = invoice.msisdn  # the prompt always goes to the invoice's own customer
+        in_flight = await payments.in_flight(tx, invoice.id)
+        recent = await payments.recent_pushes(tx, phone, now - self.limits.window_ms)
+        verdict = settlement.decide_pay(invoice, in_flight=in_flight is not None, recent_pushes_ms=recent,
+                                        now_ms=now, limits=self.limits)
+        log.info("pay_requested", invoice_id=invoice.id, via=via, verdict=verdict.value)
+        if verdict is settlement.PayVerdict.START:
+            if self.daraja is None:
+                log.error("payment_not_configured", invoice_id=invoice.id,
+                          hint="set mpesa.consumer_key, consumer_secret, shortcode, passkey")
+                return True
+            attempt = await payments.start(
+                tx, invoice_id=invoice.id, phone=phone, amount_cents=invoice.amount_cents, now_ms=now,
+                next_check_at_ms=settlement.next_query_ms(now, 0, first_after_ms=self.query_after_ms),
+                expire_at_ms=now + self.expire_after_ms, source=via)
+            if attempt is not None:
+                log.info("payment_initiated", invoice_id=invoice.id, payment_id=attempt.payment_id, via=via)
+                return _Push(attempt, invoice, via)
+            verdict = settlement.PayVerdict.IN_FLIGHT  # another process won the race
+        reply = {
+            settlement.PayVerdict.ALREADY_PAID: copy.already_paid(invoice),
+            settlement.PayVerdict.CANCELLED: copy.pay_cancelled(invoice),
+            settlement.PayVerdict.IN_FLIGHT: copy.prompt_already_sent(invoice, phone),
+            settlement.PayVerdict.TOO_SOON: copy.wait_before_prompt(invoice),
+            settlement.PayVerdict.TOO_MANY: copy.too_many_prompts(invoice, phone),
+        }[verdict]
+        after.queued += await self._answer(tx, invoice, reply, via, now)
+        return True
+
+    async def _answer(self, tx: Tx, invoice: Invoice, reply: copy.Reply, via: str, now: int) -> int:
+        """Answer a Pay request where it came from (the pay page and the API show state instead)."""
+        if via not in ("whatsapp", "sms"):
+            return 0
+        channel = Channel.SMS if via == "sms" else Channel.WHATSAPP
+        queued = await outbox.enqueue(tx, recipient=invoice.msisdn, channel=channel, kind="customer_reply",
+                                      content=delivery.reply_content(reply), now_ms=now, invoice_id=invoice.id)
+        return 1 if queued is not None else 0
+
+    # -- the push ----------------------------------------------------------------------------
+
+    async def _push(self, work: _Push) -> None:
+        assert self.daraja is not None
+        attempt, invoice = work.attempt, work.invoice
+        try:
+            accepted = await self.daraja.stk_push(
+                phone=attempt.phone, amount_kes=cents_to_kes(attempt.amount_cents),
+                account_reference=invoice.id, description=f"Invoice {invoice.id}",
+                callback_url=self.callback_url, transaction_type=self.settings.mpesa.transaction_type,
+                party_b=self.settings.mpesa.till_number or None)
+        except (GatewayError, ValueError) as exc:
+            await self._push_failed(work, exc)
+            return
+        after = _After()
+        after.stk_results.append("accepted")
+
+        async def job(tx: Tx) -> None:
+            await payments.accepted(tx, attempt.payment_id, checkout_request_id=accepted.checkout_request_id,
+                                    merchant_request_id=accepted.merchant_request_id,
+                                    raw_request=dict(accepted.request_for_log))
+            after.queued += await self._answer(tx, invoice, copy.prompt_sent(invoice, attempt.phone), work.via,
+                                               self.clock.now_ms())
+
+        await self.store.write(job)
+        self._observe(after)
+        log.info("payment_accepted", invoice_id=invoice.id, payment_id=attempt.payment_id)
+
+    async def _push_failed(self, work: _Push, exc: Exception) -> None:
+        attempt, invoice = work.attempt, work.invoice
+        code = getattr(exc, "code", "invalid")
+        maybe_processed = isinstance(exc, TransientError) and exc.maybe_processed
+        after = _After()
+        if maybe_processed:
+            # The request may have reached Daraja (the answer was lost): the customer may have
+            # a prompt. Keep the attempt in flight; a callback adopts it by phone, or it expires.
+            after.stk_results.append("unknown")
+            log.warning("payment_push_unanswered", invoice_id=invoice.id, payment_id=attempt.payment_id, code=code)
+            self._observe(after)
+            return
+        result = "auth_error" if isinstance(exc, AuthError) else "error"
+        after.stk_results.append(result)
+        locked = code == "subscriber_locked"
+        reply = copy.wait_before_prompt(invoice) if locked else copy.stk_failed(invoice, "other")
+
+        async def job(tx: Tx) -> None:
+            now = self.clock.now_ms()
+            if await payments.resolve(tx, attempt.payment_id, status=PaymentStatus.FAILED, result_code=None,
+                                      result_desc=f"push refused: {code}", now_ms=now, only_if_initiated=True):
+                after.queued += await self._answer(tx, invoice, reply, work.via, now)
+
+        await self.store.write(job)
+        self._observe(after)
+        log.error("payment_push_failed", invoice_id=invoice.id, payment_id=attempt.payment_id, code=code,
+                  alert=isinstance(exc, AuthError))
+
+    # -- results -----------------------------------------------------------------------------
+
+    async def _callback(self, tx: Tx, invoice: Invoice, payload: dict[str, Any], now: int, after: _After) -> None:
+        checkout = str(payload.get("checkout_request_id") or "")
+        attempt = await payments.by_checkout_id(tx, checkout)
+        if attempt is None:
+            log.warning("callback_for_unknown_attempt", invoice_id=invoice.id)
+            return
+        code = payload.get("result_code")
+        result = settlement.Result(
+            result_code=code if isinstance(code, int) else None,
+            result_desc=str(payload.get("result_desc") or ""),
+            amount_kes=payload.get("amount_kes") if isinstance(payload.get("amount_kes"), int) else None,
+            receipt=payload.get("mpesa_receipt") if isinstance(payload.get("mpesa_receipt"), str) else None,
+            via="callback")
+        log.info("payment_callback", invoice_id=invoice.id, payment_id=attempt.payment_id, result_code=code)
+        await self._apply(tx, invoice, attempt, result, now, after, raw=payload.get("raw"))
+
+    async def _apply(self, tx: Tx, invoice: Invoice, attempt: Attempt, result: settlement.Result, now: int,
+                     after: _After, raw: Any = None) -> None:
+        outcome = settlement.settle(invoice, attempt.status, result)
+        if result.result_code == 0 and result.amount_kes is None and result.via == "callback":
+            # A success without a readable amount cannot be trusted to settle the invoice.
+            outcome = settlement.Settlement(PaymentStatus.SUCCESS, settlement.InvoiceEffect.AMOUNT_MISMATCH)
+        receipt = result.receipt
+        if outcome.attempt_status is PaymentStatus.SUCCESS and receipt is not None:
+            used = await tx.val("SELECT id FROM payments WHERE mpesa_receipt = :r AND id <> :id",
+                                {"r": receipt, "id": attempt.payment_id})
+            if used is not None:
+                log.error("receipt_reused", invoice_id=invoice.id, payment_id=attempt.payment_id, alert=True)
+                return
+        changed = await payments.resolve(
+            tx, attempt.payment_id, status=outcome.attempt_status, result_code=result.result_code,
+            result_desc=result.result_desc, now_ms=now, receipt=receipt,
+            raw_callback=raw if isinstance(raw, dict) else None,
+            only_if_initiated=outcome.attempt_status is not PaymentStatus.SUCCESS)
+        if not changed and outcome.attempt_status is not PaymentStatus.SUCCESS:
+            return
+        if outcome.attempt_status is PaymentStatus.SUCCESS and attempt.status is PaymentStatus.SUCCESS:
+            return  # already applied (a query and a callback both said success)
+        log.info("payment_resolved", invoice_id=invoice.id, payment_id=attempt.payment_id,
+                 status=outcome.attempt_status.value, effect=outcome.invoice.value, via=result.via,
+                 result_code=result.result_code)
+        effect = outcome.invoice
+        paid_kes = result.amount_kes if result.amount_kes is not None else invoice.amount_kes
+        if effect is settlement.InvoiceEffect.PAY:
+            ref = receipt or (attempt.checkout_request_id or attempt.payment_id)
+            if await invoices.mark_paid(tx, invoice.id, ref, now):
+                paid = await invoices.get(tx, invoice.id)
+                assert paid is not None
+                after.paid.append(paid)
+                after.queued += await self._receipts(tx, paid, ref, now)
+        elif effect is settlement.InvoiceEffect.TELL_FAILURE:
+            code = result.result_code if result.result_code is not None else "other"
+            queued = await effects.tell_customer(tx, invoice, now, copy.stk_failed(invoice, code), kind="payment_failed")
+            after.queued += 1 if queued else 0
+        elif effect is settlement.InvoiceEffect.AMOUNT_MISMATCH:
+            after.queued += await self._alert(tx, invoice, copy.amount_mismatch(invoice, paid_kes, receipt or "?"), now)
+        elif effect in (settlement.InvoiceEffect.PAID_AFTER_CANCEL, settlement.InvoiceEffect.DOUBLE_PAYMENT):
+            after.queued += await self._alert(tx, invoice, copy.paid_after_cancel(invoice, paid_kes, receipt or "?"), now)
+
+    async def _receipts(self, tx: Tx, invoice: Invoice, receipt: str, now: int) -> int:
+        pay_url = f"{self.settings.server.public_base_url}/p/{invoice.pay_token}"
+        message = copy.receipt(invoice, receipt)
+        queued = 0
+        if await effects.tell_customer(tx, invoice, now, message, kind="receipt",
+                                       dedupe_key=f"receipt:{invoice.id}:customer",
+                                       sms=copy.sms_receipt(invoice, receipt, pay_url)):
+            queued += 1
+        if await effects.tell_merchant(tx, self.settings, now, message, invoice_id=invoice.id,
+                                       dedupe_key=f"receipt:{invoice.id}:merchant", kind="receipt"):
+            queued += 1
+        return queued
+
+    async def _alert(self, tx: Tx, invoice: Invoice, message: copy.Reply, now: int) -> int:
+        log.warning("payment_needs_merchant", invoice_id=invoice.id, alert=True)
+        queued = await effects.tell_merchant(tx, self.settings, now, message, invoice_id=invoice.id)
+        return 1 if queued else 0
+
+    # -- reconciliation ----------------------------------------------------------------------
+
+    async def _check(self, attempt: Attempt) -> None:
+        """A due attempt: query Daraja (claimed first), or expire it."""
+        now = self.clock.now_ms()
+        assert attempt.next_check_at_ms is not None
+        expired = settlement.is_expired(attempt.requested_at_ms, now, self.expire_after_ms)
+        upcoming = settlement.next_query_ms(attempt.requested_at_ms, attempt.queries + 1,
+                                            first_after_ms=self.query_after_ms)
+        if not expired:
+            upcoming = min(upcoming, attempt.expire_at_ms)
+        claimed = await self.store.write(lambda tx: payments.claim_check(
+            tx, attempt.payment_id, attempt.next_check_at_ms or 0, max(upcoming, now + 1000)))
+        if not claimed:
+            return  # another process (or a callback) got there first
+        answer = None
+        if attempt.checkout_request_id is not None and self.daraja is not None:
+            try:
+                answer = await self.daraja.stk_query(attempt.checkout_request_id)
+                log.info("payment_query", invoice_id=attempt.invoice_id, payment_id=attempt.payment_id,
+                         pending=answer.pending, result_code=answer.result_code)
+            except GatewayError as exc:
+                log.warning("payment_query_failed", invoice_id=attempt.invoice_id, code=exc.code)
+        after = _After()
+
+        async def job(tx: Tx) -> None:
+            after.reset()
+            invoice = await invoices.get(tx, attempt.invoice_id)
+            current = await payments.by_checkout_id(tx, attempt.checkout_request_id) \
+                if attempt.checkout_request_id else attempt
+            if invoice is None or current is None:
+                return
+            now2 = self.clock.now_ms()
+            if answer is not None and not answer.pending:
+                result = settlement.Result(answer.result_code, answer.result_desc, via="query")
+                await self._apply(tx, invoice, current, result, now2, after)
+            elif settlement.is_expired(current.requested_at_ms, now2, self.expire_after_ms):
+                if await payments.resolve(tx, current.payment_id, status=PaymentStatus.EXPIRED, result_code=None,
+                                          result_desc="no answer from M-PESA", now_ms=now2, only_if_initiated=True):
+                    log.info("payment_expired", invoice_id=invoice.id, payment_id=current.payment_id)
+
+        await self.store.write(job)
+        self._observe(after)
+
+
+async def due_payments(store: Store, now_ms: int) -> tuple[list[str], int | None]:
+    """For the scheduler: invoices with attempts due now, and the next due time."""
+    async def job(tx: Tx) -> tuple[list[str], int | None]:
+        return await payments.due_checks(tx, now_ms), await payments.next_check_ms(tx)
+    return await store.read(job)
+

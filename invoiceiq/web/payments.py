@@ -1,0 +1,131 @@
+"""M-PESA's STK callback and the internal ``POST /payments/stk/initiate``.
+
+The callback is unsigned (Safaricom signs nothing): it is believed only at a secret URL,
+optionally only from allowed addresses, only for a CheckoutRequestID we created, and its
+amount is checked by the payment actor. It is stored (deduplicated by CheckoutRequestID)
+before Safaricom gets its answer; the work happens in the payment actor.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from quart import Blueprint, Response, request
+
+from ..core.validate import normalize_invoice_ref
+from ..gateways import mpesa
+from ..observability import get_logger
+from ..store import StoreError, Tx, inbox, invoices, payments
+from .api import idempotency_key, idempotent, read_json_object
+from .common import admin_denied, client_ip, error, ip_allowed, json_response, secrets_equal
+from .context import services
+
+bp = Blueprint("payments", __name__)
+log = get_logger(__name__)
+ACCEPTED = {"ResultCode": 0, "ResultDesc": "Accepted"}
+
+
+@bp.post("/payments/stk/callback/<secret>")
+async def callback(secret: str) -> Response:
+    svc = services()
+    if not secrets_equal(secret, svc.extras["callback_secret"]):
+        svc.metrics.webhook_rejected.labels("mpesa_secret").inc()
+        log.warning("webhook_rejected", provider="mpesa", reason="wrong_secret")
+        return error(404, "not found")
+    source = client_ip()
+    if not ip_allowed(source, svc.settings.mpesa.callback_allow_ips):
+        svc.metrics.webhook_rejected.labels("mpesa_source").inc()
+        log.warning("webhook_rejected", provider="mpesa", reason="source_not_allowed", source=source)
+        return error(403, "forbidden")
+    raw = await request.get_data(cache=False)
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        body = None
+    parsed = mpesa.parse_callback(body)
+    if parsed is None:
+        svc.metrics.webhook_rejected.labels("mpesa_unreadable").inc()
+        log.warning("callback_unreadable", provider="mpesa", bytes=len(raw))
+        # Acknowledged: Safaricom would only send the same unreadable body again.
+        return json_response(ACCEPTED)
+    payload: dict[str, Any] = {
+        "checkout_request_id": parsed.checkout_request_id,
+        "merchant_request_id": parsed.merchant_request_id,
+        "result_code": parsed.result_code,
+        "result_desc": parsed.result_desc,
+        "amount_kes": parsed.amount_kes,
+        "amount_invalid": parsed.amount_invalid,
+        "mpesa_receipt": parsed.mpesa_receipt,
+        "transaction_date": parsed.transaction_date,
+        "phone": parsed.phone,
+        "raw": body,
+    }
+    now = svc.clock.now_ms()
+
+    async def store(tx: Tx) -> tuple[str | None, bool]:
+        attempt = await payments.by_checkout_id(tx, parsed.checkout_request_id)
+        if attempt is None and parsed.phone:
+            # The push's answer was lost, so we never learnt this id: tie it back by phone.
+            attempt = await payments.orphan_for_phone(tx, parsed.phone)
+            if attempt is not None:
+                await payments.adopt_checkout_id(tx, attempt.payment_id, parsed.checkout_request_id)
+        key = attempt.invoice_id if attempt is not None else "unknown"
+        seq = await inbox.put(tx, source="mpesa", event_id=parsed.checkout_request_id, actor="payment",
+                              actor_key=key, kind="callback", payload=payload, now_ms=now)
+        if seq is not None and attempt is None:
+            await inbox.mark_processed(tx, seq, now)
+        return (attempt.invoice_id if attempt else None), seq is not None
+
+    try:
+        invoice_id, fresh = await svc.store.write(store)
+    except StoreError:
+        log.error("webhook_not_stored", provider="mpesa")
+        return error(503, "storage unavailable, retry later")
+    if not fresh:
+        log.info("webhook_duplicate", provider="mpesa")
+    elif invoice_id is None:
+        log.warning("callback_for_unknown_checkout", provider="mpesa", result_code=parsed.result_code)
+    else:
+        log.info("callback_stored", invoice_id=invoice_id, result_code=parsed.result_code)
+        await svc.dispatch.kick("payment", invoice_id)
+    return json_response(ACCEPTED)
+
+
+@bp.post("/payments/stk/initiate")
+async def initiate() -> Response:
+    if (denied := admin_denied()) is not None:
+        return denied
+    key, bad = idempotency_key()
+    if bad is not None:
+        return bad
+    if key is None:
+        return error(400, "an Idempotency-Key header is required")
+    body, bad = await read_json_object()
+    if bad is not None:
+        return bad
+    assert body is not None
+    svc = services()
+    ref = body.get("invoice_id")
+
+    async def work(tx: Tx) -> tuple[int, dict[str, Any]]:
+        invoice_id = normalize_invoice_ref(ref) if isinstance(ref, str) else None
+        if invoice_id is None or set(body) - {"invoice_id"}:
+            errors = {k: "unknown field" for k in sorted(set(body) - {"invoice_id"})}
+            if invoice_id is None:
+                errors["invoice_id"] = "must be an invoice number, e.g. 1042"
+            return 422, {"error": "validation failed", "errors": errors}
+        invoice = await invoices.get(tx, invoice_id)
+        if invoice is None:
+            return 404, {"error": "no such invoice"}
+        await inbox.put(tx, source="api", event_id=f"initiate:{key}", actor="payment", actor_key=invoice.id,
+                        kind="pay_request", payload={"phone": invoice.msisdn, "via": "api"},
+                        now_ms=svc.clock.now_ms())
+        return 202, {"invoice_id": invoice.id, "status": "requested",
+                     "detail": "the STK push is being sent; GET /invoices/<id> shows the outcome"}
+
+    response = await idempotent("POST /payments/stk/initiate", key, body, work)
+    if response.status_code == 202 and response.headers.get("Idempotent-Replayed") is None:
+        data = orjson.loads(await response.get_data())
+        await svc.dispatch.kick("payment", data["invoice_id"])
+    return response
