@@ -161,6 +161,8 @@ class SmsSettings:
     username: str = ""
     api_key: str = _secret()
     sender_id: str = ""
+    # Africa's Talking signs nothing: when set, its callbacks must carry ?token=<this>.
+    callback_token: str = _secret()
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,6 +327,7 @@ ENV_ALIASES: Final[Mapping[str, str]] = {
     "WABA_APP_SECRET": "whatsapp.app_secret",
     "SMS_API_KEY": "sms.api_key",
     "SMS_USERNAME": "sms.username",
+    "SMS_CALLBACK_TOKEN": "sms.callback_token",
     "MPESA_CONSUMER_KEY": "mpesa.consumer_key",
     "MPESA_CONSUMER_SECRET": "mpesa.consumer_secret",
     "MPESA_SHORTCODE": "mpesa.shortcode",
@@ -685,6 +688,7 @@ _VALIDATORS: Final[Mapping[str, _Validator]] = {
     "sms.api_base": _check_base_url,
     "sms.username": _no_whitespace,
     "sms.api_key": _token(),
+    "sms.callback_token": _token(min_length=16),
     "sms.sender_id": _matching(
         _SENDER_ID,
         "must be at most 11 letters or digits (an alphanumeric sender ID or a short code)",

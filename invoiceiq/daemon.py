@@ -17,7 +17,7 @@ import os
 import secrets
 import signal
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import anyio
@@ -41,7 +41,9 @@ from .observability import Metrics, get_logger
 from .store import Store, Tx, invoices, meta
 from .store.ids import new_token
 from .systemd import Notifier, watchdog_interval_s
+from .web import paylink as paylink_routes
 from .web import payments as payment_routes
+from .web import sms as sms_routes
 from .web import whatsapp as whatsapp_routes
 from .web.app import create_app
 from .web.context import Services
@@ -69,6 +71,58 @@ class Dispatcher:
             waker.wake()
 
 
+def sandbox_settings(settings: Settings, port: int) -> tuple[Settings, Any]:
+    """Point every gateway at the simulators mounted under /sandbox on our own port, with the
+    simulators' credentials; the production gateways then talk to them over real HTTP."""
+    from .sandbox import SimConfig
+
+    host = settings.server.host
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    base = f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
+    public = settings.server.public_url or base
+    sim = SimConfig(
+        whatsapp_webhook_url=f"{base}/whatsapp/webhook",
+        sms_inbound_url=f"{base}/sms/inbound", sms_status_url=f"{base}/sms/status",
+        merchant_msisdn=settings.merchant.msisdn or SimConfig().merchant_msisdn,
+        default_customer_msisdn=settings.sandbox.customer_msisdn,
+        merchant_name=f"{settings.merchant.name} (merchant)",
+        latency_ms=settings.sandbox.latency_ms,
+        wa_template_name=settings.whatsapp.invoice_template,
+        wa_template_language=settings.whatsapp.template_language,
+        wa_template_buttons=("quick_reply:Pay with M-PESA",),
+    )
+    sandboxed = replace(
+        settings,
+        server=replace(settings.server, public_url=public),
+        merchant=replace(settings.merchant, msisdn=sim.merchant_msisdn),
+        whatsapp=replace(settings.whatsapp, api_base=f"{base}/sandbox/graph/v25.0", token=sim.wa_token,
+                         phone_id=sim.wa_phone_id, app_secret=sim.wa_app_secret,
+                         verify_token=settings.whatsapp.verify_token or "sandbox-verify-token"),
+        sms=replace(settings.sms, api_base=f"{base}/sandbox/at", username=sim.at_username,
+                    api_key=sim.at_api_key, callback_token=""),
+        mpesa=replace(settings.mpesa, api_base=f"{base}/sandbox/daraja", consumer_key=sim.daraja_consumer_key,
+                      consumer_secret=sim.daraja_consumer_secret, shortcode=sim.daraja_shortcode,
+                      passkey=sim.daraja_passkey, transaction_type="CustomerPayBillOnline", till_number="",
+                      callback_url=""),
+    )
+    return sandboxed, sim
+
+
+def mount(app: Any, prefix: str, mounted: Any) -> Any:
+    """One ASGI app answering ``prefix...`` with ``mounted`` and everything else with ``app``
+    (lifespan events go to ``app`` only: the simulators need none)."""
+
+    async def dispatch(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        path = scope.get("path", "")
+        if scope["type"] in ("http", "websocket") and (path == prefix or path.startswith(prefix + "/")):
+            scope = dict(scope, root_path=scope.get("root_path", "") + prefix, path=path[len(prefix):] or "/")
+            await mounted(scope, receive, send)
+            return
+        await app(scope, receive, send)
+
+    return dispatch
+
+
 class Daemon:
     def __init__(
         self,
@@ -94,6 +148,8 @@ class Daemon:
         self.outbox: OutboxActor | None = None
         self.scheduler: Scheduler | None = None
         self.callback_secret: str | None = None
+        self.sim_config: Any = None
+        self.simulator: Any = None
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self._shutdown = anyio.Event()
 
@@ -124,10 +180,14 @@ class Daemon:
         self._shutdown.set()
 
     async def run(self) -> None:
-        settings = self.settings
         sockets, hypercorn_config = self._bind()
+        if self.settings.mode == "sandbox":
+            assert self.bound_port is not None
+            self.settings, self.sim_config = sandbox_settings(self.settings, self.bound_port)
+        settings = self.settings
         log.info("starting", mode=settings.mode, database=self.store.dialect,
-                 bind=settings.server.bind, port=self.bound_port, version=_version())
+                 bind=settings.server.bind, port=self.bound_port, version=_version(),
+                 note="SANDBOX: simulated providers, no real money moves" if settings.mode == "sandbox" else None)
         await self.store.open()
         try:
             async with anyio.create_task_group() as root:
@@ -210,7 +270,7 @@ class Daemon:
         self.dispatch.wakers["scheduler"] = scheduler.waker
         tg_supervisor.start("outbox", outbox.run)
         tg_supervisor.start("scheduler", scheduler.run)
-        return [whatsapp_routes.bp, payment_routes.bp]
+        return [whatsapp_routes.bp, payment_routes.bp, sms_routes.bp, paylink_routes.bp]
 
     async def _run_services(self, http: httpx.AsyncClient, sockets: Sockets, config: HypercornConfig) -> None:
         settings = self.settings
@@ -222,7 +282,15 @@ class Daemon:
                 settings=settings, store=self.store, metrics=self.metrics, clock=self.clock,
                 dispatch=self.dispatch, readiness=self.readiness,
                 extras={"blueprints": blueprints, "callback_secret": secret})
-            app = create_app(services)
+            app: Any = create_app(services)
+            if self.sim_config is not None:
+                from .sandbox import Simulator
+
+                self.simulator = Simulator(self.sim_config)
+                supervisor.start("sandbox", self.simulator.run)
+                app = mount(app, "/sandbox", self.simulator.asgi_app)
+                log.info("sandbox_console", url=f"{settings.server.public_base_url}/sandbox/",
+                         merchant=self.sim_config.merchant_msisdn, customer=self.sim_config.default_customer_msisdn)
             served = anyio.Event()
 
             async def serve() -> None:

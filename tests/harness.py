@@ -303,12 +303,16 @@ class Handle:
 
     async def settle(self, timeout: float = 5.0) -> None:
         """Wait until nothing is queued or running (inbox processed, outbox empty)."""
-        from invoiceiq.store import inbox, outbox
+        async def counts(tx: Any) -> int:
+            # One statement, one snapshot: two separate counts could straddle a commit that
+            # moves work from the inbox to the outbox and report "idle" in between.
+            return int(await tx.val(
+                "SELECT (SELECT COUNT(*) FROM outbox WHERE status IN ('PENDING','SENDING'))"
+                " + (SELECT COUNT(*) FROM inbox WHERE processed_at_ms IS NULL)") or 0)
 
         async def idle() -> bool:
-            pending = await self.store.read(outbox.pending_count)
-            waiting = await self.store.read(inbox.count_unprocessed)
-            return pending == 0 and waiting == 0 and (self.daemon.outbox is None or self.daemon.outbox.in_flight == 0)
+            busy = await self.store.read(counts)
+            return busy == 0 and (self.daemon.outbox is None or self.daemon.outbox.in_flight == 0)
 
         with anyio.fail_after(timeout):
             while not await idle():

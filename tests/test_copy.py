@@ -294,6 +294,15 @@ def test_unpaid_list_is_cut_to_one_message_with_the_full_total() -> None:
     assert r.text.endswith(f"\n…and {200 - shown} more.")
 
 
+def test_sms_customer_hint_says_what_to_reply() -> None:
+    assert copy.sms_customer_hint([]).text == "You have no open invoices right now. Thank you!"
+    one = copy.sms_customer_hint([INV])
+    assert one.buttons == () and f"Reply PAY {INV.id} to Pay with M-PESA." in one.text
+    several = copy.sms_customer_hint([replace(INV, id=str(1042 + n)) for n in range(6)])
+    assert several.text.startswith("Unpaid: #1042 (KES") and "and 2 more" in several.text
+    assert "Reply PAY 1042" in several.text
+
+
 def test_customer_hint() -> None:
     assert copy.customer_hint([]).text == "You have no open invoices right now. Thank you!"
     one = copy.customer_hint([INV])
@@ -495,6 +504,8 @@ def every_reply() -> dict[str, list[Reply]]:
         "customer_cancelled_notice": [copy.customer_cancelled_notice(BIG)],
         "invoice_details": [copy.invoice_details(BIG), copy.invoice_details(paid)],
         "customer_hint": [copy.customer_hint(many), copy.customer_hint([BIG]), copy.customer_hint([])],
+        "sms_customer_hint": [copy.sms_customer_hint(many), copy.sms_customer_hint([BIG]),
+                              copy.sms_customer_hint([])],
         "already_paid": [copy.already_paid(paid)],
         "pay_cancelled": [copy.pay_cancelled(BIG)],
         "prompt_sent": [copy.prompt_sent(BIG, "254712345678")],

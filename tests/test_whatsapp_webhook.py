@@ -188,13 +188,9 @@ async def refuse_writes(h: Handle) -> None:
     await h.store.write(job)
 
 
-async def test_a_message_is_never_acknowledged_unless_stored(h: Handle, request: pytest.FixtureRequest) -> None:
-    if h.store.dialect == "postgresql":
-        request.node.add_marker(pytest.mark.xfail(strict=True, reason=(
-            "BUG: store/db.py Database.write maps only connection errors to StoreError; a PostgreSQL "
-            "server refusing writes (ReadOnlySQLTransactionError 25006, DiskFullError 53100...) escapes "
-            "as a raw asyncpg error, web/whatsapp.receive's `except StoreError` misses it and the "
-            "webhook answers 500 instead of 503")))
+async def test_a_message_is_never_acknowledged_unless_stored(h: Handle) -> None:
+    # On PostgreSQL a server refusing writes (25006 read-only, 53100 disk full) must be a 503
+    # like a lost connection, not a 500.
     await refuse_writes(h)
     response = await h.post_webhook(inbound_text(MERCHANT, "invoice 0712345678 2500 Cleaning service"))
     assert response.status_code == 503  # Meta retries; a 200 would lose the message

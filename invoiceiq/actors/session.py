@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..clock import Clock
-from ..core import copy, invoicing
+from ..core import copy, delivery, invoicing
 from ..core.conversation import (
     ChatSettings,
     ConversationState,
@@ -139,7 +139,8 @@ class SessionActor:
             if not await inbox.mark_processed(tx, event.seq, now):
                 continue
             text = str(event.payload.get("text") or "")
-            customer = await self._customer_step(tx, key, customer, text, event.event_id, now, after)
+            channel = Channel.SMS if event.payload.get("channel") == Channel.SMS.value else Channel.WHATSAPP
+            customer = await self._customer_step(tx, key, customer, text, event.event_id, channel, now, after)
         await conversations.save(tx, row, customer.to_dict(), None, now)
 
     # -- the merchant ------------------------------------------------------------------------
@@ -224,49 +225,61 @@ class SessionActor:
     # -- customers ---------------------------------------------------------------------------
 
     async def _customer_step(self, tx: Tx, msisdn: str, state: CustomerState, text: str, event_id: str,
-                             now: int, after: _AfterCommit) -> CustomerState:
+                             channel: Channel, now: int, after: _AfterCommit) -> CustomerState:
+        """A customer's message, answered on the channel it came by."""
         hint_ms = self.settings.chat.customer_hint_interval_s * 1000
+        sms = channel is Channel.SMS
         pending: list[Any] = [Message(text)]
         while pending:
             state, outs = customer_step(state, pending.pop(0), now, hint_ms)
             for effect in outs:
                 if isinstance(effect, copy.Reply):
-                    await self._reply(tx, msisdn, effect, now, after, kind="customer_reply")
+                    await self._reply(tx, msisdn, effect, now, after, kind="customer_reply", channel=channel)
                 elif isinstance(effect, ListOpenInvoices):
                     open_ones = await invoices.open_invoices(tx, msisdn)
-                    pending.append(OpenInvoices(tuple(open_ones)))
+                    pending.append(OpenInvoices(tuple(open_ones), sms=sms))
                 elif isinstance(effect, DetailsRequested):
                     invoice = await invoices.get(tx, effect.invoice_id)
                     if invoice is None or invoice.msisdn != msisdn:
-                        reply = copy.customer_hint(await invoices.open_invoices(tx, msisdn))
+                        reply = await self._hint(tx, msisdn, sms)
                     else:
                         reply = copy.invoice_details(invoice)
-                    await self._reply(tx, msisdn, reply, now, after, kind="customer_reply")
+                    await self._reply(tx, msisdn, reply, now, after, kind="customer_reply", channel=channel)
                 elif isinstance(effect, PayRequested):
-                    await self._pay_request(tx, msisdn, effect.invoice_id, event_id, now, after)
+                    await self._pay_request(tx, msisdn, effect.invoice_id, event_id, channel, now, after)
         return state
 
-    async def _pay_request(self, tx: Tx, msisdn: str, invoice_id: str | None, event_id: str, now: int,
-                           after: _AfterCommit) -> None:
-        """Hand a Pay tap to the invoice's payment actor, through the inbox (durably)."""
+    async def _hint(self, tx: Tx, msisdn: str, sms: bool) -> copy.Reply:
+        open_ones = await invoices.open_invoices(tx, msisdn)
+        return copy.sms_customer_hint(open_ones) if sms else copy.customer_hint(open_ones)
+
+    async def _pay_request(self, tx: Tx, msisdn: str, invoice_id: str | None, event_id: str, channel: Channel,
+                           now: int, after: _AfterCommit) -> None:
+        """Hand a Pay request to the invoice's payment actor, through the inbox (durably)."""
+        sms = channel is Channel.SMS
         if invoice_id is None:
             open_ones = await invoices.open_invoices(tx, msisdn)
             if len(open_ones) != 1:
-                await self._reply(tx, msisdn, copy.customer_hint(open_ones), now, after, kind="customer_reply")
+                await self._reply(tx, msisdn, await self._hint(tx, msisdn, sms), now, after,
+                                  kind="customer_reply", channel=channel)
                 return
             invoice_id = open_ones[0].id
         invoice = await invoices.get(tx, invoice_id)
         # Only the invoice's own customer may start its payment: a prompt goes to their phone.
         if invoice is None or invoice.msisdn != msisdn:
-            await self._reply(tx, msisdn, copy.customer_hint(await invoices.open_invoices(tx, msisdn)), now,
-                              after, kind="customer_reply")
+            await self._reply(tx, msisdn, await self._hint(tx, msisdn, sms), now, after,
+                              kind="customer_reply", channel=channel)
             return
         await inbox.put(tx, source="internal", event_id=f"pay:{event_id}", actor="payment",
                         actor_key=invoice.id, kind="pay_request",
-                        payload={"phone": msisdn, "via": "whatsapp"}, now_ms=now)
+                        payload={"phone": msisdn, "via": "sms" if sms else "whatsapp"}, now_ms=now)
         after.payments.append(invoice.id)
 
     async def _reply(self, tx: Tx, to: str, reply: copy.Reply, now: int, after: _AfterCommit,
-                     kind: str = "reply") -> None:
-        await effects.reply(tx, to, now, reply, kind=kind)
+                     kind: str = "reply", channel: Channel = Channel.WHATSAPP) -> None:
+        if channel is Channel.SMS:
+            await outbox.enqueue(tx, recipient=to, channel=Channel.SMS, kind=kind, now_ms=now,
+                                 content=delivery.reply_content(reply))
+        else:
+            await effects.reply(tx, to, now, reply, kind=kind)
         after.queued += 1

@@ -58,6 +58,7 @@ __all__ = [
     "UNKNOWN_COMMAND",
     "Reply",
     "already_paid",
+    "sms_customer_hint",
     "amount_mismatch",
     "amount_too_large",
     "bad_invoice_ref",
@@ -598,6 +599,18 @@ def customer_hint(invoices: Sequence[Invoice]) -> Reply:
 
 
 # Payment replies (customer) -------------------------------------------------------------------
+
+
+def sms_customer_hint(invoices: Sequence[Invoice]) -> Reply:
+    """The hint for a customer who wrote by SMS: no buttons there, so the words to reply."""
+    if not invoices:
+        return Reply("You have no open invoices right now. Thank you!")
+    first = invoices[0]
+    if len(invoices) == 1:
+        return Reply(f"{_subject(first)} is unpaid. Reply PAY {first.id} to Pay with M-PESA.")
+    listed = ", ".join(f"#{i.id} ({_kes(i.amount_kes)})" for i in invoices[:4])
+    more = f" and {len(invoices) - 4} more" if len(invoices) > 4 else ""
+    return Reply(f"Unpaid: {listed}{more}. Reply PAY {first.id} (or another number) to Pay with M-PESA.")
 
 
 def already_paid(invoice: Invoice) -> Reply:

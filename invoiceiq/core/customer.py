@@ -39,6 +39,7 @@ class OpenInvoices:
     """The actor's answer to :class:`ListOpenInvoices`: this customer's open invoices."""
 
     invoices: tuple[Invoice, ...]
+    sms: bool = False  # the customer wrote by SMS: no buttons, so say "reply PAY <id>"
 
 
 CustomerEvent = Message | OpenInvoices
@@ -96,7 +97,8 @@ def customer_step(
         if not _hint_allowed(state, now_ms, hint_interval_ms):
             return state, ()
         open_ones = tuple(i for i in event.invoices if i.is_open)
-        return CustomerState(last_hint_at_ms=now_ms), (copy.customer_hint(open_ones),)
+        hint = copy.sms_customer_hint(open_ones) if event.sms else copy.customer_hint(open_ones)
+        return CustomerState(last_hint_at_ms=now_ms), (hint,)
     if not isinstance(event, Message):
         raise TypeError(f"not a customer event: {event!r}")
 

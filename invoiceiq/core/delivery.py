@@ -51,7 +51,7 @@ def invoice_message(
     return Template(
         name=template,
         language=language,
-        params=(invoice.customer_name or "Customer", f"KES {format_kes(invoice.amount_kes)}", invoice.id, pay_url),
+        params=(invoice.customer_name or "Customer", format_kes(invoice.amount_kes), invoice.id, pay_url),
         payloads=(f"pay_now:{invoice.id}",),
     )
 

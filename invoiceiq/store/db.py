@@ -403,10 +403,16 @@ def _is_connection_error(exc: BaseException) -> bool:
     module = type(exc).__module__
     if isinstance(exc, (OSError, ConnectionError)):
         return True
-    if module.startswith("asyncpg") and (
-        "Connection" in name or "CannotConnectNow" in name or "InterfaceError" in name
-        or "AdminShutdown" in name or "TooManyConnections" in name):
-        return True
+    if module.startswith("asyncpg"):
+        if ("Connection" in name or "CannotConnectNow" in name or "InterfaceError" in name
+                or "AdminShutdown" in name or "TooManyConnections" in name):
+            return True
+        # SQLSTATE classes of a server that cannot take the write now, whatever we sent:
+        # 08 connection, 25 read-only transaction (a failover), 53 resources (disk full),
+        # 57 operator intervention (shutdown), 58 system error.
+        sqlstate = str(getattr(exc, "sqlstate", "") or "")
+        if sqlstate[:2] in ("08", "25", "53", "57", "58"):
+            return True
     if module.startswith("sqlite3") or name in ("OperationalError", "DatabaseError"):
         text = str(exc).lower()
         return any(w in text for w in ("readonly", "read-only", "locked", "disk", "unable to open", "i/o"))
