@@ -58,12 +58,13 @@ class Dispatcher:
     registries: dict[str, Registry[Any]] = field(default_factory=dict)
     wakers: dict[str, Waker] = field(default_factory=dict)
 
-    async def kick(self, actor: str, key: str) -> None:
+    def kick(self, actor: str, key: str) -> None:
+        """Wake actor ``key`` for work stored in the database (coalesced, never blocks)."""
         registry = self.registries.get(actor)
         if registry is None:
             log.warning("no_such_actor", actor=actor)
             return
-        await registry.send(key, "kick")
+        registry.kick(key)
 
     def wake(self, actor: str) -> None:
         waker = self.wakers.get(actor)

@@ -127,8 +127,8 @@ async def test_backpressure_waits_instead_of_dropping() -> None:
         tg.start_soon(producer)
         # One message in the handler, two in the mailbox: the producer is held at the fourth.
         await eventually(lambda: len(sent) == 3)
-        await eventually(lambda: reg._actors["k"].mailbox.waiting_senders == 1)
-        assert len(sent) == 3 and reg._actors["k"].mailbox.queued == 2
+        await eventually(lambda: reg._actors["k"].space is not None)
+        assert len(sent) == 3 and len(reg._actors["k"].mail) == 2
         release.set()
         await eventually(lambda: len(handled) == 10)
         assert handled == list(range(10))
@@ -150,6 +150,50 @@ async def test_a_crashing_handler_is_restarted_and_other_keys_go_on() -> None:
         await reg.send("a", "ok")
         await reg.send("b", "ok")
         await eventually(lambda: sorted(got) == ["a:ok", "b:ok"])
+        tg.cancel_scope.cancel()
+
+
+async def test_keys_take_turns_so_a_flood_cannot_starve_another_key() -> None:
+    order: list[str] = []
+    gate = anyio.Event()
+
+    async def handler(key: str, message: int) -> None:
+        await gate.wait()
+        order.append(key)
+
+    # One worker makes the scheduling visible: it must alternate between the keys.
+    reg: Registry[int] = Registry("fair", handler, workers=1, mailbox_size=100)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(reg.run)
+        for i in range(50):
+            await reg.send("flood", i)
+        await reg.send("merchant", 1)
+        gate.set()
+        await eventually(lambda: "merchant" in order)
+        # The merchant waited for at most one flood message per turn, not for all 50.
+        assert order.index("merchant") <= 2
+        await eventually(lambda: len(order) == 51)
+        tg.cancel_scope.cancel()
+
+
+async def test_kicks_coalesce_and_never_block() -> None:
+    runs: list[str] = []
+    release = anyio.Event()
+
+    async def handler(key: str, message: object) -> None:
+        runs.append(key)
+        await release.wait()
+
+    reg: Registry[object] = Registry("kicks", handler, workers=2)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(reg.run)
+        reg.kick("a")
+        await eventually(lambda: runs == ["a"])
+        for _ in range(100):
+            reg.kick("a")  # while "a" runs: remembered once, not 100 times
+        release.set()
+        await eventually(lambda: runs == ["a", "a"])
+        assert not reg._actors["a"].has_work
         tg.cancel_scope.cancel()
 
 

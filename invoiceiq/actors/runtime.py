@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import math
 import random
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream, TaskGroup
@@ -158,38 +159,59 @@ class Mailbox(Generic[M]):
 
 
 Handler = Callable[[str, M], Awaitable[None]]
+KICK: Any = "kick"  # the message of a coalesced wake-up: "there is stored work for you"
 
 
 class _Keyed(Generic[M]):
-    __slots__ = ("key", "mailbox", "failures")
+    """One keyed actor: its mailbox and bookkeeping. It owns no task: a worker of the pool
+    runs its handler while it has mail (notes/stack.md: a task per actor costs ~9 KB; a
+    record like this a few hundred bytes)."""
 
-    def __init__(self, key: str, size: int) -> None:
+    __slots__ = ("key", "mail", "kicked", "running", "scheduled", "failures", "idle_since", "space")
+
+    def __init__(self, key: str) -> None:
         self.key = key
-        self.mailbox: Mailbox[M] = Mailbox(size)
+        self.mail: deque[M] = deque()
+        self.kicked = False
+        self.running = False
+        self.scheduled = False
         self.failures = 0
+        self.idle_since = 0.0
+        self.space: anyio.Event | None = None
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.mail) or self.kicked
 
 
 class Registry(Generic[M]):
-    """Keyed actors spawned on their first message and retired when idle.
+    """Keyed actors (one per conversation, one per invoice), created on their first message,
+    served by a bounded pool of workers, and retired after ``idle_s`` without mail.
 
-    ``handler(key, message)`` runs one message at a time per key (so a conversation's steps
-    never interleave within a process); different keys run concurrently, and one busy key
-    cannot starve another: each has its own bounded mailbox.
+    * ``handler(key, message)`` runs one message at a time per key, in order: a
+      conversation's steps never interleave within a process;
+    * keys take turns (one message per turn, round robin), so one flooding sender cannot
+      starve another: the merchant's conversation is served while a customer floods;
+    * ``send`` waits while the key's mailbox holds ``mailbox_size`` messages (backpressure,
+      never a dropped message); ``kick`` is a coalesced, non-blocking wake-up for actors
+      whose real mail is in the database (several kicks before the handler runs are one).
     """
 
-    def __init__(self, name: str, handler: Handler[M], *, mailbox_size: int = 16,
+    def __init__(self, name: str, handler: Handler[M], *, mailbox_size: int = 16, workers: int = 16,
                  idle_s: float = 30.0, metrics: Metrics | None = None,
                  backoff_base_s: float = 0.05, backoff_max_s: float = 10.0) -> None:
         self.name = name
         self._handler = handler
         self._size = mailbox_size
+        self._workers = workers
         self._idle_s = idle_s
         self._metrics = metrics
         self._base = backoff_base_s
         self._max = backoff_max_s
         self._actors: dict[str, _Keyed[M]] = {}
-        self._tg: TaskGroup | None = None
-        self._ready = anyio.Event()
+        self._ready: deque[str] = deque()
+        self._work = anyio.Event()
+        self._started = False
         self.spawned = 0
         self.retired = 0
 
@@ -199,61 +221,101 @@ class Registry(Generic[M]):
     def __contains__(self, key: str) -> bool:
         return key in self._actors
 
+    @property
+    def busy(self) -> int:
+        return sum(1 for a in self._actors.values() if a.running)
+
     async def run(self) -> None:
-        """Host the keyed actors (run under the supervisor); returns when cancelled."""
+        """Run the worker pool and the idle janitor (under the supervisor)."""
+        self._started = True
         async with anyio.create_task_group() as tg:
-            self._tg = tg
-            self._ready.set()
-            await anyio.sleep_forever()
+            for n in range(self._workers):
+                tg.start_soon(self._worker, name=f"{self.name}:worker{n}")
+            await self._janitor()
 
     async def send(self, key: str, message: M) -> None:
-        await self._ready.wait()
-        while True:
-            actor = self._actors.get(key)
-            if actor is None:
-                actor = self._spawn(key)
-            try:
-                await actor.mailbox.send(message)
-                return
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                # The actor retired between our lookup and our send: nothing was delivered,
-                # so send again to its successor.
-                if self._actors.get(key) is actor:
-                    del self._actors[key]
+        actor = self._get(key)
+        while len(actor.mail) >= self._size:
+            if actor.space is None:
+                actor.space = anyio.Event()
+            await actor.space.wait()
+            actor = self._get(key)  # it may have retired (and been replaced) meanwhile
+        actor.mail.append(message)
+        self._schedule(actor)
 
-    def _spawn(self, key: str) -> _Keyed[M]:
-        assert self._tg is not None
-        actor: _Keyed[M] = _Keyed(key, self._size)
-        self._actors[key] = actor
-        self.spawned += 1
-        self._tg.start_soon(self._loop, actor, name=f"{self.name}:{key}")
+    def kick(self, key: str) -> None:
+        actor = self._get(key)
+        if not actor.kicked:
+            actor.kicked = True
+            self._schedule(actor)
+
+    def _get(self, key: str) -> _Keyed[M]:
+        actor = self._actors.get(key)
+        if actor is None:
+            actor = self._actors[key] = _Keyed(key)
+            actor.idle_since = anyio.current_time()
+            self.spawned += 1
         return actor
 
-    async def _loop(self, actor: _Keyed[M]) -> None:
-        mailbox = actor.mailbox
+    def _schedule(self, actor: _Keyed[M]) -> None:
+        if not actor.running and not actor.scheduled:
+            actor.scheduled = True
+            self._ready.append(actor.key)
+            self._work.set()
+
+    async def _worker(self) -> None:
         while True:
-            message: M | None = None
-            with anyio.move_on_after(self._idle_s):
-                message = await mailbox.receive()
-            if message is None:
-                # Idle. Retire only with an empty mailbox, and close it in the same step
-                # (no await in between), so a concurrent sender either got in before us and
-                # we keep going, or finds the mailbox closed and spawns a successor.
-                if mailbox.queued == 0:
-                    if self._actors.get(actor.key) is actor:
-                        del self._actors[actor.key]
-                    mailbox.close()
-                    self.retired += 1
-                    return
+            while not self._ready:
+                self._work = anyio.Event() if self._work.is_set() else self._work
+                await self._work.wait()
+            key = self._ready.popleft()
+            actor = self._actors.get(key)
+            if actor is None or actor.running:
                 continue
+            actor.scheduled = False
+            if not actor.has_work:
+                continue
+            actor.running = True
             try:
-                await self._handler(actor.key, message)
-                actor.failures = 0
-            except Exception:  # noqa: BLE001 - a crashed message handler is restarted
-                actor.failures += 1
-                if self._metrics is not None:
-                    self._metrics.actor_restarts.labels(self.name).inc()
-                delay = backoff_s(actor.failures, self._base, self._max)
-                log.exception("actor_crashed", actor=self.name, key=actor.key,
-                              failures=actor.failures, retry_in_s=round(delay, 3))
-                await anyio.sleep(delay)
+                if actor.mail:
+                    message = actor.mail.popleft()
+                    if actor.space is not None:
+                        actor.space.set()
+                        actor.space = None
+                else:
+                    message = KICK
+                # A kick taken now covers every kick until here: the handler reads the store.
+                actor.kicked = False
+                await self._handle(actor, message)
+            finally:
+                actor.running = False
+                actor.idle_since = anyio.current_time()
+                if actor.has_work:
+                    self._schedule(actor)  # to the back of the line: keys take turns
+
+    async def _handle(self, actor: _Keyed[M], message: M) -> None:
+        try:
+            await self._handler(actor.key, message)
+            actor.failures = 0
+        except Exception:  # noqa: BLE001 - a crashed handler is restarted after a backoff
+            actor.failures += 1
+            if self._metrics is not None:
+                self._metrics.actor_restarts.labels(self.name).inc()
+            delay = backoff_s(actor.failures, self._base, self._max)
+            log.exception("actor_crashed", actor=self.name, key=actor.key, failures=actor.failures,
+                          retry_in_s=round(delay, 3))
+            # The message that failed is not replayed from memory: the work it stood for is
+            # in the database (the inbox), and the next kick or the scheduler's sweep resumes it.
+            await anyio.sleep(delay)
+
+    async def _janitor(self) -> None:
+        """Retire actors without mail for ``idle_s``: a quiet conversation is a row again."""
+        period = max(0.001, min(self._idle_s / 2, 5.0))
+        while True:
+            await anyio.sleep(period)
+            now = anyio.current_time()
+            for key in [k for k, a in self._actors.items()
+                        if not a.running and not a.scheduled and not a.has_work and a.space is None
+                        and now - a.idle_since >= self._idle_s]:
+                del self._actors[key]
+                self.retired += 1

@@ -27,7 +27,7 @@ log = get_logger(__name__)
 SWEEP_AFTER_MS = 5_000
 POLL_MS = 5_000
 
-Kick = Callable[[str, str], Awaitable[None]]
+Kick = Callable[[str, str], None]
 DueSource = Callable[[int], Awaitable[tuple[list[str], int | None]]]
 
 
@@ -51,14 +51,14 @@ class Scheduler:
             if started and resumed:
                 log.info("resuming_stored_work", keys=len(resumed))
             for actor, key in resumed:
-                await self.kick(actor, key)
+                self.kick(actor, key)
             for key, _role in await self.store.read(lambda tx: conversations.due(tx, now)):
-                await self.kick("session", key)
+                self.kick("session", key)
             next_due = await self.store.read(conversations.next_due_ms)
             if self.due_payments is not None:
                 invoice_ids, next_payment = await self.due_payments(now)
                 for invoice_id in invoice_ids:
-                    await self.kick("payment", invoice_id)
+                    self.kick("payment", invoice_id)
                 if next_payment is not None:
                     next_due = next_payment if next_due is None else min(next_due, next_payment)
             started = False

@@ -99,7 +99,7 @@ class SessionActor:
             if after.queued:
                 self.dispatch.wake("outbox")
             for invoice_id in after.payments:
-                await self.dispatch.kick("payment", invoice_id)
+                self.dispatch.kick("payment", invoice_id)
             if after.timer_changed:
                 self.dispatch.wake("scheduler")
             if not after.more:

@@ -96,10 +96,10 @@ def settle(invoice: Invoice, attempt_status: PaymentStatus, result: Result) -> S
 def next_query_ms(requested_at_ms: int, queries_done: int, *, first_after_ms: int) -> int:
     """When to ask Daraja again about an unanswered attempt: first after ``first_after_ms``,
     then backing off (x2, at most 5 minutes apart)."""
-    if queries_done == 0:
-        return requested_at_ms + first_after_ms
-    delay = min(300_000, first_after_ms * 2 ** min(queries_done, 8))
-    return requested_at_ms + first_after_ms + delay
+    due = requested_at_ms + first_after_ms
+    for n in range(1, queries_done + 1):
+        due += min(300_000, first_after_ms * 2 ** min(n, 16))
+    return due
 
 
 def is_expired(requested_at_ms: int, now_ms: int, expire_after_ms: int) -> bool:

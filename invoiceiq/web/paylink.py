@@ -171,6 +171,6 @@ async def pay(token: str) -> Response:
         await svc.store.write(job)
     except StoreError:
         return _page("Try again", "<div class=\"card\"><h1>Please try again in a moment</h1></div>", status=503)
-    await svc.dispatch.kick("payment", invoice.id)
+    svc.dispatch.kick("payment", invoice.id)
     log.info("paylink_pay_requested", invoice_id=invoice.id)
     return redirect(f"/p/{token}?requested=1", 303)

@@ -88,7 +88,7 @@ async def callback(secret: str) -> Response:
         log.warning("callback_for_unknown_checkout", provider="mpesa", result_code=parsed.result_code)
     else:
         log.info("callback_stored", invoice_id=invoice_id, result_code=parsed.result_code)
-        await svc.dispatch.kick("payment", invoice_id)
+        svc.dispatch.kick("payment", invoice_id)
     return json_response(ACCEPTED)
 
 
@@ -127,5 +127,5 @@ async def initiate() -> Response:
     response = await idempotent("POST /payments/stk/initiate", key, body, work)
     if response.status_code == 202 and response.headers.get("Idempotent-Replayed") is None:
         data = orjson.loads(await response.get_data())
-        await svc.dispatch.kick("payment", data["invoice_id"])
+        svc.dispatch.kick("payment", data["invoice_id"])
     return response

@@ -70,7 +70,7 @@ async def inbound() -> Response:
         return error(503, "storage unavailable, retry later")
     svc.metrics.messages.labels("SMS", "IN", "inbound" if fresh else "duplicate").inc()
     if fresh:
-        await svc.dispatch.kick("session", sms.from_msisdn)
+        svc.dispatch.kick("session", sms.from_msisdn)
     return json_response({"status": "ok"})
 
 
@@ -99,5 +99,5 @@ async def status() -> Response:
         log.error("webhook_not_stored", provider="africastalking")
         return error(503, "storage unavailable, retry later")
     if fresh:
-        await svc.dispatch.kick("delivery", report.id)
+        svc.dispatch.kick("delivery", report.id)
     return json_response({"status": "ok"})

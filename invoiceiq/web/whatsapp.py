@@ -75,9 +75,9 @@ async def receive() -> Response:
     for event in counts:
         svc.metrics.messages.labels("WHATSAPP", "IN", event).inc()
     for key in sessions:
-        await svc.dispatch.kick("session", key)
+        svc.dispatch.kick("session", key)
     for key in statuses:
-        await svc.dispatch.kick("delivery", key)
+        svc.dispatch.kick("delivery", key)
     return json_response({"status": "ok"})
 
 
