@@ -29,7 +29,7 @@ from hypercorn.utils import wrap_app
 
 from .actors.outbox import DeliveryTracker, Outbox, OutboxActor
 from .actors.payment import PaymentActor, due_payments
-from .actors.runtime import Registry, Supervisor, Waker
+from .actors.runtime import Pressure, Registry, Supervisor, Waker
 from .actors.scheduler import Scheduler
 from .actors.session import SessionActor
 from .clock import Clock, SystemClock
@@ -142,6 +142,7 @@ class Daemon:
         self._http = http
         self._idle_s = idle_s
         self.dispatch = Dispatcher()
+        self.pressure = Pressure()
         self.stopping = anyio.Event()
         self.ready = anyio.Event()
         self.bound_port: int | None = None
@@ -243,13 +244,14 @@ class Daemon:
 
         core = Outbox(store=self.store, settings=s, clock=self.clock, metrics=self.metrics)
         self.outbox = outbox = OutboxActor(core=core, whatsapp=whatsapp, sms=sms, stopping=self.stopping,
-                                           worker_id=self.worker_id)
+                                           worker_id=self.worker_id, pressure=self.pressure)
         self.dispatch.wakers["outbox"] = outbox.waker
         tracker = DeliveryTracker(core, outbox.waker.wake)
         session = SessionActor(store=self.store, settings=s, clock=self.clock, metrics=self.metrics,
                                dispatch=self.dispatch)
         for name, handler in (("session", session.handle), ("delivery", tracker.handle)):
-            registry: Registry[Any] = Registry(name, handler, idle_s=self._idle_s, metrics=self.metrics)
+            registry: Registry[Any] = Registry(name, handler, idle_s=self._idle_s, metrics=self.metrics,
+                                               pressure=self.pressure)
             self.dispatch.registries[name] = registry
             tg_supervisor.start(f"registry:{name}", registry.run)
         m = s.mpesa
@@ -262,7 +264,8 @@ class Daemon:
         callback_url = m.callback_url or f"{s.server.public_base_url}/payments/stk/callback/{callback_secret}"
         payment = PaymentActor(store=self.store, settings=s, clock=self.clock, metrics=self.metrics, daraja=daraja,
                                wake_outbox=outbox.waker.wake, callback_url=callback_url)
-        registry = Registry("payment", payment.handle, idle_s=self._idle_s, metrics=self.metrics)
+        registry = Registry("payment", payment.handle, idle_s=self._idle_s, metrics=self.metrics,
+                            pressure=self.pressure)
         self.dispatch.registries["payment"] = registry
         tg_supervisor.start("registry:payment", registry.run)
         self.scheduler = scheduler = Scheduler(store=self.store, clock=self.clock, kick=self.dispatch.kick,
@@ -292,6 +295,7 @@ class Daemon:
                 app = mount(app, "/sandbox", self.simulator.asgi_app)
                 log.info("sandbox_console", url=f"{settings.server.public_base_url}/sandbox/",
                          merchant=self.sim_config.merchant_msisdn, customer=self.sim_config.default_customer_msisdn)
+            app = self.pressure.wrap(app)
             served = anyio.Event()
 
             async def serve() -> None:

@@ -28,7 +28,7 @@ from ..observability import Metrics, get_logger
 from ..store import Store, Tx, customers, inbox, invoices, messages, outbox
 from ..store.outbox import OutboxRow
 from . import effects
-from .runtime import Waker
+from .runtime import Pressure, Waker
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -147,7 +147,8 @@ class Outbox:
 
 class OutboxActor:
     def __init__(self, *, core: Outbox, whatsapp: WhatsAppClient | None, sms: AfricasTalkingClient | None,
-                 stopping: anyio.Event, worker_id: str, concurrency: int = 32) -> None:
+                 stopping: anyio.Event, worker_id: str, concurrency: int = 32,
+                 pressure: Pressure | None = None) -> None:
         self.core = core
         self.store = core.store
         self.clock = core.clock
@@ -158,6 +159,7 @@ class OutboxActor:
         self.stopping = stopping
         self.worker_id = worker_id
         self.concurrency = concurrency
+        self.pressure = pressure
         self.waker = Waker()
         self.in_flight = 0
         self._paused_until: dict[Channel, int] = {}
@@ -181,11 +183,17 @@ class OutboxActor:
     # -- the loop ----------------------------------------------------------------------------
 
     async def run(self) -> None:
+        gauge_at = 0.0
         async with anyio.create_task_group() as senders:
             while not self.stopping.is_set():
+                if self.pressure is not None:
+                    await self.pressure.yield_to_requests()
                 now = self.clock.now_ms()
                 channels = self._channels(now)
                 free = self.concurrency - self.in_flight
+                if self.pressure is not None and self.pressure.busy:
+                    # A burst at the front door: keep sending, but a couple at a time.
+                    free = min(free, 2 - min(2, self.in_flight))
                 rows: list[OutboxRow] = []
                 if free > 0 and channels:
                     rows = await self.store.write(lambda tx: outbox.claim_due(
@@ -203,7 +211,9 @@ class OutboxActor:
                 for until in self._paused_until.values():
                     if until > now:
                         deadline = min(deadline, until)
-                self.core.metrics.outbox_pending.set(await self.store.read(outbox.pending_count))
+                if anyio.current_time() - gauge_at >= 1.0:  # a COUNT per second is plenty
+                    gauge_at = anyio.current_time()
+                    self.core.metrics.outbox_pending.set(await self.store.read(outbox.pending_count))
                 await self.waker.wait(self.clock, deadline)
 
     async def drain(self) -> None:

@@ -16,12 +16,12 @@ page and the API; M-PESA callbacks), and every outcome is one transaction:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from ..clock import Clock
 from ..core import copy, delivery, settlement
-from ..core.model import Channel, Invoice, PaymentStatus, cents_to_kes
+from ..core.model import Channel, Invoice, InvoiceStatus, PaymentStatus, cents_to_kes
 from ..gateways.http import AuthError, GatewayError, TransientError
 from ..observability import Metrics, get_logger
 from ..store import Store, Tx, inbox, invoices, outbox, payments
@@ -343,6 +343,81 @@ class PaymentActor:
 
         await self.store.write(job)
         self._observe(after)
+
+    async def reconcile_now(self, attempt: Attempt) -> str:
+        """Check ``attempt`` at once, whatever its schedule (``invoiceiq reconcile``), through
+        ``_check`` (claimed, queried, applied exactly as when it falls due), and say in one
+        line how it stands afterwards. The line starts with SUCCESS, FAILED, EXPIRED or PENDING,
+        or with ERROR when Daraja could not be asked."""
+
+        def find(rows: list[Attempt]) -> Attempt | None:
+            return next((a for a in rows if a.payment_id == attempt.payment_id), None)
+
+        async def load() -> tuple[Attempt | None, Invoice | None]:
+            async def job(tx: Tx) -> tuple[Attempt | None, Invoice | None]:
+                rows = await payments.for_invoice(tx, attempt.invoice_id)
+                return find(rows), await invoices.get(tx, attempt.invoice_id)
+            return await self.store.read(job)
+
+        before, _ = await load()
+        if before is None:
+            return "ERROR: no such payment attempt"
+        if before.resolved_at_ms is not None:
+            return f"{before.status.value}: already resolved ({_result(before)})"
+        if self.daraja is None:
+            return "ERROR: M-PESA is not configured, so the status cannot be asked"
+        if before.next_check_at_ms is None:
+            before = replace(before, next_check_at_ms=0)  # never scheduled: claim it as if due
+        # A twin of this actor whose Daraja client remembers the answer; this one is untouched.
+        asked = _RecordingDaraja(self.daraja)
+        twin = PaymentActor(store=self.store, settings=self.settings, clock=self.clock, metrics=self.metrics,
+                            daraja=asked, wake_outbox=self.wake_outbox, callback_url=self.callback_url)  # type: ignore[arg-type]
+        await twin._check(before)
+        current, invoice = await load()
+        if current is None or invoice is None:
+            return "ERROR: the attempt or its invoice disappeared"
+        if current.resolved_at_ms is not None:
+            line = f"{current.status.value}: {_result(current)}; invoice #{invoice.id} is {invoice.status.value}"
+            if current.status is PaymentStatus.SUCCESS and invoice.status is not InvoiceStatus.PAID:
+                line += " (money received for an invoice that was not open: the merchant was alerted)"
+            return line
+        checkout = current.checkout_request_id
+        if checkout is None:
+            return ("PENDING: the push was never acknowledged (no CheckoutRequestID), so it cannot be queried;"
+                    f" a callback may still come, else it expires at {copy.format_time_eat(current.expire_at_ms)} EAT")
+        outcome = asked.outcomes.get(checkout)
+        if isinstance(outcome, GatewayError):
+            return f"ERROR: the status query failed ({outcome.code}: {outcome.reason}); try again later"
+        if outcome is None:
+            return "PENDING: another process is checking it right now"
+        return ("PENDING: M-PESA says the customer has not answered yet; it expires at"
+                f" {copy.format_time_eat(current.expire_at_ms)} EAT")
+
+
+def _result(attempt: Attempt) -> str:
+    code = "no result code" if attempt.result_code is None else f"ResultCode {attempt.result_code}"
+    return f"{code}, {attempt.result_desc or 'no description'}"
+
+
+class _RecordingDaraja:
+    """Passes every call to the real client and remembers each STK query's answer (or error),
+    by CheckoutRequestID, so that ``reconcile_now`` can tell "still pending" from "not asked"."""
+
+    def __init__(self, inner: DarajaClient) -> None:
+        self.inner = inner
+        self.outcomes: dict[str, Any] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def stk_query(self, checkout_request_id: str) -> Any:
+        try:
+            answer = await self.inner.stk_query(checkout_request_id)
+        except GatewayError as exc:
+            self.outcomes[checkout_request_id] = exc
+            raise
+        self.outcomes[checkout_request_id] = answer
+        return answer
 
 
 async def due_payments(store: Store, now_ms: int) -> tuple[list[str], int | None]:

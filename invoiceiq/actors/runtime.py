@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -125,6 +126,53 @@ class Waker:
         self._pending = False
 
 
+class Pressure:
+    """How busy the front door is, so that background work can step aside during a burst.
+
+    The web layer counts requests in flight. Background workers (keyed actors, the outbox)
+    call ``yield_to_requests`` before each job: while more than ``threshold`` requests are
+    waiting they pause a little, but never more than ``max_wait_s`` per job, so background
+    work slows down during a burst without ever stopping. Webhooks are stored before their
+    200 either way: what waits is only the follow-up (replies, sends), which the inbox and
+    the outbox keep safe meanwhile.
+    """
+
+    def __init__(self, threshold: int = 16, step_s: float = 0.01, max_wait_s: float = 0.25) -> None:
+        self.in_flight = 0
+        self.threshold = threshold
+        self.step_s = step_s
+        self.max_wait_s = max_wait_s
+        self.deferred = 0
+
+    @property
+    def busy(self) -> bool:
+        return self.in_flight > self.threshold
+
+    async def yield_to_requests(self) -> None:
+        waited = 0.0
+        while self.in_flight > self.threshold and waited < self.max_wait_s:
+            if waited == 0.0:
+                self.deferred += 1
+            await anyio.sleep(self.step_s)
+            waited += self.step_s
+
+    def wrap(self, app: Any) -> Any:
+        """ASGI middleware counting HTTP requests in flight."""
+
+        async def counted(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            if scope["type"] != "http":
+                await app(scope, receive, send)
+                return
+            self.in_flight += 1
+            scope["iq_started"] = time.perf_counter()  # for the latency histogram
+            try:
+                await app(scope, receive, send)
+            finally:
+                self.in_flight -= 1
+
+        return counted
+
+
 class Mailbox(Generic[M]):
     """A bounded mailbox: ``send`` waits while it is full."""
 
@@ -199,11 +247,13 @@ class Registry(Generic[M]):
 
     def __init__(self, name: str, handler: Handler[M], *, mailbox_size: int = 16, workers: int = 16,
                  idle_s: float = 30.0, metrics: Metrics | None = None,
-                 backoff_base_s: float = 0.05, backoff_max_s: float = 10.0) -> None:
+                 backoff_base_s: float = 0.05, backoff_max_s: float = 10.0,
+                 pressure: Pressure | None = None) -> None:
         self.name = name
         self._handler = handler
         self._size = mailbox_size
         self._workers = workers
+        self._pressure = pressure
         self._idle_s = idle_s
         self._metrics = metrics
         self._base = backoff_base_s
@@ -268,6 +318,10 @@ class Registry(Generic[M]):
             while not self._ready:
                 self._work = anyio.Event() if self._work.is_set() else self._work
                 await self._work.wait()
+            if self._pressure is not None and self._pressure.busy:
+                await self._pressure.yield_to_requests()
+                if not self._ready:
+                    continue
             key = self._ready.popleft()
             actor = self._actors.get(key)
             if actor is None or actor.running:

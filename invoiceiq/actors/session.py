@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..clock import Clock
 from ..core import copy, delivery, invoicing
+from ..core.delivery import window_start_ms
 from ..core.conversation import (
     ChatSettings,
     ConversationState,
@@ -44,6 +45,7 @@ from ..core.customer import (
 from ..core.model import Channel, Invoice, InvoiceStatus, kes_to_cents
 from ..observability import Metrics, get_logger
 from ..store import Store, Tx, conversations, customers, inbox, invoices, outbox, payments
+from ..store.inbox import InboxEvent
 from . import effects
 
 if TYPE_CHECKING:
@@ -120,6 +122,7 @@ class SessionActor:
             for event in events:
                 if not await inbox.mark_processed(tx, event.seq, now):
                     continue
+                await self._opened_window(tx, key, event)
                 text = str(event.payload.get("text") or "")
                 merchant = await self._merchant_step(tx, key, merchant, Message(text), now, after)
                 changed = True
@@ -138,10 +141,18 @@ class SessionActor:
         for event in events:
             if not await inbox.mark_processed(tx, event.seq, now):
                 continue
+            await self._opened_window(tx, key, event)
             text = str(event.payload.get("text") or "")
             channel = Channel.SMS if event.payload.get("channel") == Channel.SMS.value else Channel.WHATSAPP
             customer = await self._customer_step(tx, key, customer, text, event.event_id, channel, now, after)
         await conversations.save(tx, row, customer.to_dict(), None, now)
+
+    async def _opened_window(self, tx: Tx, key: str, event: InboxEvent) -> None:
+        """A WhatsApp message opens that person's 24-hour window (templates are needed after)."""
+        if event.source == "whatsapp":
+            stamp = event.payload.get("timestamp_s")
+            await customers.touch_inbound(tx, key, window_start_ms(stamp if isinstance(stamp, int) else None,
+                                                                   event.received_at_ms))
 
     # -- the merchant ------------------------------------------------------------------------
 

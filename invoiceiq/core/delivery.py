@@ -30,6 +30,11 @@ class Template:
     payloads: tuple[str, ...]
 
 
+def window_start_ms(timestamp_s: int | None, now_ms: int) -> int:
+    """A message opens the WhatsApp 24-hour window at its own time (never in the future)."""
+    return min(now_ms, timestamp_s * 1000) if timestamp_s else now_ms
+
+
 def in_window(last_inbound_ms: int | None, now_ms: int) -> bool:
     return last_inbound_ms is not None and now_ms - last_inbound_ms < WINDOW_MS
 

@@ -82,3 +82,16 @@ async def unprocessed_keys(tx: Tx, received_before_ms: int, limit: int = 500) ->
 
 async def count_unprocessed(tx: Tx) -> int:
     return int(await tx.val("SELECT COUNT(*) FROM inbox WHERE processed_at_ms IS NULL") or 0)
+
+
+async def prune_payloads(tx: Tx, before_ms: int, limit: int = 5000) -> int:
+    """Empty (to ``{}``) the payloads of events processed and received before ``before_ms``:
+    message texts and raw callbacks are personal data, needed only until the event has been
+    applied. The rows stay, because their ``(source, event_id)`` still deduplicates a provider
+    that redelivers. At most ``limit`` rows per call; call until it returns 0."""
+    rows = await tx.all(
+        "UPDATE inbox SET payload = '{}' WHERE seq IN (SELECT seq FROM inbox"
+        " WHERE processed_at_ms IS NOT NULL AND received_at_ms < :before"
+        " AND CAST(payload AS TEXT) <> '{}' LIMIT :lim) RETURNING seq",
+        {"before": before_ms, "lim": limit})
+    return len(rows)

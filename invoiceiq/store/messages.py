@@ -46,3 +46,15 @@ async def prune_payloads(tx: Tx, before: datetime) -> int:
         "UPDATE message_log SET payload = NULL WHERE created_at < :before AND payload IS NOT NULL"
         " RETURNING id", {"before": bound})
     return len(rows)
+
+
+async def prune_payloads_batch(tx: Tx, before: datetime, limit: int = 5000) -> int:
+    """``prune_payloads`` in slices of at most ``limit`` rows, so that one short transaction
+    at a time holds SQLite's write lock while the daemon keeps writing; call until it
+    returns 0."""
+    bound: Any = before.strftime("%Y-%m-%d %H:%M:%S") if tx.dialect == "sqlite" else before
+    rows = await tx.all(
+        "UPDATE message_log SET payload = NULL WHERE id IN (SELECT id FROM message_log"
+        " WHERE created_at < :before AND payload IS NOT NULL LIMIT :lim) RETURNING id",
+        {"before": bound, "lim": limit})
+    return len(rows)

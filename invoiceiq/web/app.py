@@ -24,14 +24,8 @@ def create_app(svc: Services) -> Quart:
     for blueprint in (health.bp, api.bp, *svc.extras.get("blueprints", ())):
         app.register_blueprint(blueprint)
 
-    @app.before_request
-    async def _start() -> Response | None:
-        request.scope["iq_started"] = time.perf_counter()
-        length = request.content_length
-        if length is not None and length > limit:
-            svc.metrics.webhook_rejected.labels("too_large").inc()
-            return error(413, f"request body over {limit} bytes")
-        return None
+    # Bodies over the limit: Quart refuses them itself (MAX_CONTENT_LENGTH), before reading
+    # them, with the 413 handler below. The start time comes from the ASGI layer (Pressure).
 
     @app.after_request
     async def _observe(response: Response) -> Response:

@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 from quart import Blueprint, Response, request
 
+from ..core.delivery import window_start_ms
 from ..core.model import Channel, Direction
 from ..gateways import whatsapp as wa
 from ..observability import get_logger
@@ -101,13 +102,13 @@ async def _store(tx: Tx, batch: wa.WebhookBatch, now: int) -> tuple[list[str], l
             continue
         await messages.log_message(tx, channel=Channel.WHATSAPP, direction=Direction.IN, event="inbound",
                                    payload={"wamid": m.id, **payload})
-        # The customer wrote: their 24-hour window starts at their message's own time.
-        sent_ms = min(now, m.timestamp_s * 1000) if m.timestamp_s else now
-        await customers.touch_inbound(tx, m.from_msisdn, sent_ms)
         counts.append("inbound")
         if actionable:
+            # The session actor records the opened 24-hour window when it takes the message.
             sessions[m.from_msisdn] = None
         else:
+            # Not for the bot, but the customer wrote: their 24-hour window opens all the same.
+            await customers.touch_inbound(tx, m.from_msisdn, window_start_ms(m.timestamp_s, now))
             await inbox.mark_processed(tx, seq, now)
             log.info("message_kind_ignored", kind=m.kind)
     for s in batch.statuses:
