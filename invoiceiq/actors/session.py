@@ -149,6 +149,8 @@ class SessionActor:
 
     async def _opened_window(self, tx: Tx, key: str, event: InboxEvent) -> None:
         """A WhatsApp message opens that person's 24-hour window (templates are needed after)."""
+        log.info("message_received", channel=event.source, kind=event.kind, msisdn=key,
+                 role=self.role_of(key), inbox_seq=event.seq)
         if event.source == "whatsapp":
             stamp = event.payload.get("timestamp_s")
             await customers.touch_inbound(tx, key, window_start_ms(stamp if isinstance(stamp, int) else None,
