@@ -31,9 +31,17 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _serve(settings: Settings) -> int:
-    from .daemon import Daemon
+    from .daemon import BindError, Daemon
+    from .store import StoreError
 
-    anyio.run(Daemon(settings).run)
+    try:
+        anyio.run(Daemon(settings).run)
+    except BindError as exc:
+        print(f"invoiceiq: {exc}", file=sys.stderr)
+        return 2
+    except StoreError as exc:
+        print(f"invoiceiq: {exc}; check database.url (or DATABASE_URL)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -100,6 +108,8 @@ def _with_store(settings: Settings, work: Callable[[Store], Awaitable[T]]) -> T:
                 await store.close()
         if failure:
             # Not wrapped in the task group's ExceptionGroup: the caller reports it plainly.
+            if isinstance(failure[0], StoreError):
+                raise _Refused(f"database: {failure[0]}") from failure[0]
             raise failure[0]
         return outcome[0]
 

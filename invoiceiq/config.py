@@ -516,6 +516,12 @@ def _check_callback_url(value: str, live: bool) -> str:
     if words:
         quoted = _either(words)
         problems.append(f"must not contain {quoted} ({_BANNED_NOTE})")
+    # The daemon answers callbacks only at /payments/stk/callback/<secret> (a proxy may add a
+    # prefix): a URL of another shape would be sent to Safaricom and every callback lost.
+    head, _, secret = parts.path.rstrip("/").rpartition("/")
+    if not head.endswith("/payments/stk/callback") or len(secret) < 16 or not _URL_SAFE.fullmatch(secret):
+        problems.append("must end with /payments/stk/callback/<secret> (a secret of 16+ letters, "
+                        "digits, '-' or '_'); or leave it empty and set public_url")
     if problems:
         raise _Invalid(*problems)
     return value

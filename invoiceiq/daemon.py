@@ -12,6 +12,7 @@ beside hypercorn, and stops in order on SIGTERM/SIGINT:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import secrets
@@ -39,7 +40,6 @@ from .gateways.sms import AfricasTalkingClient
 from .gateways.whatsapp import WhatsAppClient
 from .observability import Metrics, get_logger
 from .store import Store, Tx, invoices, meta
-from .store.ids import new_token
 from .systemd import Notifier, watchdog_interval_s
 from .web import paylink as paylink_routes
 from .web import payments as payment_routes
@@ -49,6 +49,10 @@ from .web.app import create_app
 from .web.context import Services
 
 log = get_logger(__name__)
+
+
+class BindError(Exception):
+    """The listening address is taken or not ours: told in one line, like a config error."""
 
 
 @dataclass
@@ -224,7 +228,8 @@ class Daemon:
             return m.callback_url.rstrip("/").rsplit("/", 1)[-1]
 
         async def job(tx: Tx) -> str:
-            return await meta.get_or_set(tx, "mpesa_callback_secret", new_token(24))
+            # Hex: its alphabet cannot spell a word Safaricom refuses in a callback URL (exe, cmd, sql...).
+            return await meta.get_or_set(tx, "mpesa_callback_secret", secrets.token_hex(20))
 
         return await self.store.write(job)
 
@@ -256,7 +261,7 @@ class Daemon:
             tg_supervisor.start(f"registry:{name}", registry.run)
         m = s.mpesa
         daraja = (DarajaClient(http, m.api_base, m.consumer_key, m.consumer_secret, m.shortcode, m.passkey,
-                               now=self.clock.now_ms)
+                               now=self.clock.now_ms, shared=meta.SharedToken(self.store, "daraja_token"))
                   if m.consumer_key and m.consumer_secret and m.shortcode and m.passkey else None)
         if daraja is None:
             log.warning("channel_not_configured", channel="mpesa",
@@ -302,6 +307,11 @@ class Daemon:
                 try:
                     await worker_serve(wrap_app(app, config.wsgi_max_body_size, None), config,
                                        sockets=sockets, shutdown_trigger=self._shutdown.wait)
+                except asyncio.InvalidStateError:
+                    # hypercorn 0.18, cancelled during its graceful wait, asks a cancelled gather
+                    # for its exception; only our shutdown deadline cancels it: nothing is wrong.
+                    if not self._shutdown.is_set():
+                        raise
                 finally:
                     served.set()
 
@@ -311,15 +321,18 @@ class Daemon:
 
             await self._shutdown.wait()
             grace = settings.server.shutdown_grace_s
+            # One budget for everything: systemd's TimeoutStopSec is a little above it.
+            deadline = anyio.current_time() + grace
             log.info("shutting_down", grace_s=grace)
             self.notifier.stopping()
-            with anyio.move_on_after(grace + 1):
-                await served.wait()
-            # Actors finish the work in hand; anything not begun stays in the database.
+            # Take no new work (the outbox claims nothing more); finish what is in hand.
+            # Anything not begun stays in the database for the next start.
             self.stopping.set()
             for waker in self.dispatch.wakers.values():
                 waker.wake()
-            with anyio.move_on_after(grace):
+            with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
+                await served.wait()
+            with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
                 if self.outbox is not None:
                     await self.outbox.drain()
             actors_tg.cancel_scope.cancel()
@@ -327,12 +340,18 @@ class Daemon:
     def _bind(self) -> tuple[Sockets, HypercornConfig]:
         config = HypercornConfig()
         config.bind = [self.settings.server.bind]
-        config.graceful_timeout = float(self.settings.server.shutdown_grace_s)
+        # Requests get most of the grace period; the outbox's last sends share the rest.
+        config.graceful_timeout = max(0.5, self.settings.server.shutdown_grace_s * 0.8)
         config.accesslog = None  # URLs carry pay tokens and callback secrets
         config.errorlog = logging.getLogger("hypercorn.error")  # through our JSON formatter
         config.keep_alive_timeout = 75  # above typical load balancers' idle timeouts
         config.include_server_header = False
-        sockets = config.create_sockets()
+        try:
+            sockets = config.create_sockets()
+        except OSError as exc:
+            raise BindError(
+                f"cannot listen on {self.settings.server.bind}: {exc.strerror or exc}; "
+                "set server.bind (or INVOICEIQ_SERVER_BIND, e.g. 127.0.0.1:8080)") from None
         for sock in sockets.insecure_sockets:
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 self.bound_port = sock.getsockname()[1]

@@ -1,8 +1,10 @@
 """`make bench-quick` runs and writes its JSON (issue 8). Timings are never asserted here.
 
-The quick benchmark starts the reference server, a fake provider sink and two real daemons as
-subprocesses on loopback, so it takes some seconds; it uses wrk when installed and otherwise
-the small Python generator (the JSON says which).
+The quick benchmark starts the reference server, a fake provider sink, two real daemons for
+ingest, and two daemon + simulator pairs for the end-to-end flows (one on a seeded database) as
+subprocesses on loopback, so it takes half a minute; it uses wrk when installed and otherwise
+the small Python generator (the JSON says which). What is asserted are counts: every flow
+completed, one STK push and two receipts per flow, nothing sent twice.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ def test_quick_bench_runs_and_writes_the_json() -> None:
                           timeout=240)
     assert done.returncode == 0, f"exit {done.returncode}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}"
     assert "reference" in done.stdout and "ingest_customer_text" in done.stdout  # the table
+    assert "end_to_end:" in done.stdout and "state_at_scale:" in done.stdout
     assert QUICK_JSON.exists() and QUICK_JSON.stat().st_mtime >= started - 1
     report = json.loads(QUICK_JSON.read_text())
 
@@ -61,8 +64,45 @@ def test_quick_bench_runs_and_writes_the_json() -> None:
         assert check["stored_inbox_rows"] >= check["accepted_2xx"] > 0
         assert check["repeated_bodies"] == 0
 
-    for hook in ("end_to_end", "state_at_scale"):
-        assert report["scenarios"][hook]["status"] == "not_implemented"
+    # End to end: every flow completed, and the counts at the simulators and in the database agree.
+    e2e = report["scenarios"]["end_to_end"]
+    assert "error" not in e2e, e2e.get("error")
+    assert e2e["plan"]["provider_latency_ms"] == 200
+    assert e2e["daemon_command"] and e2e["sim_command"] and e2e["daemon_exit_code"] == 0
+    run = e2e["run"]
+    assert run["flows"] == run["completed"] == e2e["plan"]["flows"] > 0 and run["not_started"] == 0
+    assert run["flows_per_minute"] > 0 and run["latency_ms"]["p50"] > 0 and run["latency_ms"]["p99"] > 0
+    assert set(run["stages_ms"]) >= {"merchant_msg_to_template", "tap_to_prompt", "pay_to_merchant_receipt"}
+    assert "server_cpu_pct" in run["cpu"] and "sim_cpu_pct" in run["cpu"]
+    assert e2e["single"]["latency_ms_median"] > 0
+    checks = e2e["checks"]
+    assert checks["ok"], checks["problems"]
+    n = checks["flows"]
+    assert n == e2e["plan"]["flows"] + e2e["plan"]["single_flows"]
+    sims = checks["at_simulators"]
+    assert sims["stk_pushes_accepted"] == n and sims["receipts"] == {"customers": n, "merchant": n, "total": 2 * n}
+    assert sims["identical_sends_repeated"] == 0 and sims["whatsapp_sends_refused"] == 0
+    assert checks["in_database"]["invoices_by_status"] == {"PAID": n}
+    assert checks["in_database"]["payments_by_status"] == {"SUCCESS": n}
+    assert e2e["daemon_rss"]["after_start"]["rss_mb"] > 0
+    for key in ("flows_per_minute>=3000", "p99<2800ms", "no_message_lost_or_duplicated"):
+        assert key in e2e["targets"]["met"], key
+        assert f"end_to_end_{key}" in report["targets"]["met"]
+
+    # State at scale: a seeded database, RSS after start and after the flows, one flow seeded vs empty.
+    scale = report["scenarios"]["state_at_scale"]
+    assert "error" not in scale, scale.get("error")
+    assert scale["seed"]["conversations"] == scale["seed"]["invoices"] == 3000
+    assert scale["seed"]["outbox_history_rows"] > 3000
+    assert scale["migrate"]["command"].endswith("invoiceiq migrate")
+    rss = scale["daemon_rss"]
+    assert rss["after_start"]["rss_mb"] > 0 and rss["after_flows"]["rss_mb"] > 0 and rss["peak_mb"] > 0
+    one = scale["one_flow"]
+    assert one["seeded_median_ms"] > 0 and one["empty_median_ms"] > 0 and one["ratio"] > 0
+    assert one["empty_source"] == "end_to_end"
+    assert scale["checks"]["ok"], scale["checks"]["problems"]
+    for key in ("rss<150MB", "one_flow_no_slower", "no_message_lost_or_duplicated"):
+        assert f"state_at_scale_{key}" in report["targets"]["met"]
 
 
 # -- the pieces, quickly ---------------------------------------------------------------------
@@ -132,3 +172,84 @@ def test_bodies_are_signed_unique_and_the_same_as_the_test_harness(tmp_path: Pat
     theirs = json.dumps(inbound_text("254712345678", "hi", wamid="wamid.X"), ensure_ascii=True,
                         separators=(",", ":")).encode()
     assert ours == theirs
+
+
+# -- end to end and state at scale: the pieces ---------------------------------------------------
+
+
+def test_percentile_and_flow_summary() -> None:
+    from bench import e2e
+
+    assert e2e.percentile([], 50) is None
+    assert e2e.percentile([5.0], 99) == 5.0
+    assert e2e.percentile([1.0, 2.0, 3.0, 4.0], 50) == pytest.approx(2.5)
+    assert e2e.percentile(list(map(float, range(101))), 99) == pytest.approx(99.0)
+    ok = e2e.FlowResult(index=0, customer="254730000000", ok=True, t0=100.0, t_template=100.4, t_tap=100.5,
+                        t_prompt=100.8, t_pay=100.9, t_customer_receipt=101.3, t_merchant_receipt=101.5)
+    failed = e2e.FlowResult(index=1, customer="254730000001", error="FlowFailed: timed out waiting for prompt (x)",
+                            t0=100.0)
+    assert ok.latency_ms == pytest.approx(1500.0)
+    summary = e2e.summarise([ok, failed], wall_s=2.0)
+    assert (summary["flows"], summary["completed"], summary["failed"]) == (2, 1, 1)
+    assert summary["flows_per_minute"] == pytest.approx(40.0)  # 1 flow in 1.5 s
+    assert summary["errors"] == {"FlowFailed: timed out waiting for prompt": 1}
+    assert summary["stages_ms"]["tap_to_prompt"]["p50"] == pytest.approx(300.0)
+
+
+def test_graph_bodies_are_classified() -> None:
+    from bench import e2e
+
+    assert e2e.classify({"type": "template", "template": {"name": "invoice_notification"}}) == "invoice_template"
+    receipt = "Paid \u2714 \u2014 Invoice #1042 (KES 2,500)\nReceipt: SBK7XZ1ABC\nThank you!"
+    assert e2e.classify({"type": "text", "text": {"body": receipt}}) == "receipt"
+    assert e2e.RECEIPT_RE.match(receipt).group(1) == "1042"
+    buttons = {"type": "interactive", "interactive": {"type": "button", "body": {"text": "Invoice #1042 sent to "
+                                                                                         "254712345678. Use ..."}}}
+    assert e2e.classify(buttons) == "invoice_sent_confirmation"
+    assert e2e.classify({"type": "text", "text": {"body": "M-PESA prompt sent to 0712…678"}}) == "prompt_sent"
+    assert e2e.customer_msisdn(7) == "254730000007"
+
+
+def test_profile_summary_reads_pyspy_raw(tmp_path: Path) -> None:
+    from bench import e2e
+
+    raw = tmp_path / "p.txt"
+    raw.write_text(
+        "thread (1): MainThread;<module> (invoiceiq:6);claim_due (invoiceiq/store/outbox.py:93);"
+        "SqliteTx.all (invoiceiq/store/db.py:50) 30\n"
+        "thread (1): MainThread;<module> (invoiceiq:6);select (selectors.py:468) 50\n"
+        "thread (2): AnyIO worker thread;run (anyio/_backends/_asyncio.py:1) 20\n")
+    s = e2e.summarise_raw(raw)
+    assert s["samples"] == 100 and s["busy_samples"] == 50
+    assert s["threads"]["MainThread"] == {"samples": 80, "waiting": 50}
+    assert s["self_pct"][0] == ["SqliteTx.all (invoiceiq/store/db.py)", 60.0]
+    assert ["claim_due (invoiceiq/store/outbox.py)", 60.0] in s["inclusive_pct"]
+    assert dict(map(tuple, s["self_pct_by_area"]))["invoiceiq/store"] == 60.0
+
+
+def test_seed_writes_rows_the_daemon_can_read(tmp_path: Path) -> None:
+    import sqlite3
+
+    from bench import e2e
+
+    from invoiceiq.core.customer import CustomerState
+
+    db = tmp_path / "seed.db"
+    e2e.migrate(db, tmp_path)
+    made = e2e.seed(db, conversations=200, invoices=300)
+    assert made["conversations"] == 200 and made["invoices"] == 300 and made["outbox_history_rows"] > 300
+    conn = sqlite3.connect(db)
+    try:
+        count = lambda sql: conn.execute(sql).fetchone()[0]  # noqa: E731
+        assert count("SELECT COUNT(*) FROM conversations WHERE role = 'customer'") == 200
+        assert count("SELECT COUNT(*) FROM invoices") == count("SELECT COUNT(*) FROM invoice_tracking") == 300
+        assert count("SELECT value FROM counters WHERE name = 'invoice'") == 1000 + 300
+        paid = count("SELECT COUNT(*) FROM invoices WHERE status = 'PAID'")
+        assert paid == made["payments"] == count("SELECT COUNT(*) FROM payments WHERE status = 'SUCCESS'")
+        assert count("SELECT COUNT(DISTINCT pay_ref) FROM invoices WHERE status = 'PAID'") == paid
+        assert count("SELECT COUNT(*) FROM outbox WHERE status IN ('PENDING','SENDING')") == 0
+        assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
+        for (state,) in conn.execute("SELECT state FROM conversations"):
+            assert CustomerState.from_dict(json.loads(state)).to_dict() == json.loads(state)
+    finally:
+        conn.close()

@@ -152,7 +152,7 @@ sender_id = "MAMAMBOGA"
 shortcode = "174379"
 transaction_type = "CustomerBuyGoodsOnline"
 till_number = "5432100"
-callback_url = "http://203.0.113.7:8000/payments/stk/callback"
+callback_url = "http://203.0.113.7:8000/payments/stk/callback/Cb7sec-0123456789abcd"
 max_amount = 70000
 callback_allow_ips = ["196.201.214.200", "196.201.212.0/24"]
 push_min_interval_s = 0
@@ -186,7 +186,7 @@ customer_msisdn = "0110123456"
     assert s.sms.sender_id == "MAMAMBOGA"
     assert s.mpesa.transaction_type == "CustomerBuyGoodsOnline"
     assert s.mpesa.till_number == "5432100"
-    assert s.mpesa.callback_url == "http://203.0.113.7:8000/payments/stk/callback"  # http: sandbox
+    assert s.mpesa.callback_url == "http://203.0.113.7:8000/payments/stk/callback/Cb7sec-0123456789abcd"  # http: sandbox
     assert ipaddress.ip_address("196.201.212.9") in s.mpesa.callback_allow_networks[1]
     assert s.mpesa.push_min_interval_s == 0
     assert (s.chat.nudge_after_s, s.chat.close_after_s) == (60, 61)
@@ -268,7 +268,7 @@ ALIAS_SAMPLES = {
     "MPESA_CONSUMER_SECRET": (SECRETS["MPESA_CONSUMER_SECRET"], SECRETS["MPESA_CONSUMER_SECRET"]),
     "MPESA_SHORTCODE": ("174379", "174379"),
     "MPESA_PASSKEY": (SECRETS["MPESA_PASSKEY"], SECRETS["MPESA_PASSKEY"]),
-    "MPESA_CALLBACK_URL": ("https://iq.example.co.ke/payments/stk/callback",) * 2,
+    "MPESA_CALLBACK_URL": ("https://iq.example.co.ke/payments/stk/callback/Cb7sec-0123456789abcd",) * 2,
     "MPESA_CALLBACK_SECRET": (SECRETS["MPESA_CALLBACK_SECRET"], SECRETS["MPESA_CALLBACK_SECRET"]),
     "MERCHANT_MSISDN": ("0712345678", "254712345678"),
     "ADMIN_TOKEN": (SECRETS["ADMIN_TOKEN"], SECRETS["ADMIN_TOKEN"]),
@@ -302,7 +302,7 @@ def test_invoiceiq_form_beats_alias(alias: str) -> None:
         "whatsapp.phone_id": "999",
         "mpesa.shortcode": "600000",
         "merchant.msisdn": "254110000001",
-        "mpesa.callback_url": "https://other.example.co.ke/cb",
+        "mpesa.callback_url": "https://other.example.co.ke/payments/stk/callback/Cb7sec-0123456789abcd",
         "sms.username": "sandbox",
     }
     winner = winners.get(dotted, "Winner-0123456789abcdef")
@@ -541,20 +541,30 @@ def test_env_problem_message(env: dict[str, str], expected: str) -> None:
     ],
 )
 def test_callback_url_banned_words(url: str, words: str) -> None:
-    assert problems(None, {"MPESA_CALLBACK_URL": url}) == [
-        f"config: mpesa.callback_url: must not contain {words} ({BANNED_NOTE}) (from env MPESA_CALLBACK_URL)"
-    ]
+    assert (f"config: mpesa.callback_url: must not contain {words} ({BANNED_NOTE}) (from env MPESA_CALLBACK_URL)"
+            in problems(None, {"MPESA_CALLBACK_URL": url}))
+
+
+def test_callback_url_must_name_the_route_and_its_secret() -> None:
+    # The daemon answers at /payments/stk/callback/<secret> only: any other shape would lose
+    # every callback (Safaricom would post where nobody listens).
+    for url in ("https://iq.example.co.ke/payments/stk/callback", "https://iq.example.co.ke/cb/0123456789abcdefgh",
+                "https://iq.example.co.ke/payments/stk/callback/short"):
+        found = problems(None, {"MPESA_CALLBACK_URL": url})
+        assert len(found) == 1 and "must end with /payments/stk/callback/<secret>" in found[0], url
+    behind_a_prefix = "https://iq.example.co.ke/shop/payments/stk/callback/0123456789abcdefgh"
+    assert load_settings(None, {"MPESA_CALLBACK_URL": behind_a_prefix}).mpesa.callback_url == behind_a_prefix
 
 
 def test_callback_url_rule_is_about_the_path_and_query_only() -> None:
     # The default Daraja api_base host contains "safaricom": that is not a callback URL.
-    s = load_settings(None, {"MPESA_CALLBACK_URL": "https://cb.example.co.ke/payments/stk/callback"})
+    s = load_settings(None, {"MPESA_CALLBACK_URL": "https://cb.example.co.ke/payments/stk/callback/Cb7sec-0123456789abcd"})
     assert s.mpesa.api_base == "https://sandbox.safaricom.co.ke"
-    assert s.mpesa.callback_url == "https://cb.example.co.ke/payments/stk/callback"
+    assert s.mpesa.callback_url == "https://cb.example.co.ke/payments/stk/callback/Cb7sec-0123456789abcd"
 
 
 def test_callback_url_must_be_https_in_live_mode() -> None:
-    env = {**LIVE_ENV, "MPESA_CALLBACK_URL": "http://iq.example.co.ke/payments/stk/callback"}
+    env = {**LIVE_ENV, "MPESA_CALLBACK_URL": "http://iq.example.co.ke/payments/stk/callback/Cb7sec-0123456789abcd"}
     assert problems(None, env) == [
         "config: mpesa.callback_url: must be an https URL in live mode (from env MPESA_CALLBACK_URL)"
     ]
@@ -567,6 +577,8 @@ def test_callback_url_reports_scheme_and_words_together() -> None:
     assert problems(None, env) == [
         "config: mpesa.callback_url: must be an https URL in live mode (from env MPESA_CALLBACK_URL)",
         f'config: mpesa.callback_url: must not contain "mpesa" ({BANNED_NOTE}) (from env MPESA_CALLBACK_URL)',
+        "config: mpesa.callback_url: must end with /payments/stk/callback/<secret> (a secret of 16+ letters, "
+        "digits, '-' or '_'); or leave it empty and set public_url (from env MPESA_CALLBACK_URL)",
     ]
 
 
@@ -747,7 +759,7 @@ def live_settings_with_everything() -> Settings:
         {
             **LIVE_ENV,
             "DATABASE_URL": "postgresql://iq:Pg-Pa55word-x9@db.internal:5432/iq?sslpassword=Ssl-Pa55-q1",
-            "MPESA_CALLBACK_URL": "https://iq.example.co.ke/payments/stk/callback?key=Kq7-Callback-Token-77",
+            "MPESA_CALLBACK_URL": "https://iq.example.co.ke/payments/stk/callback/Cb7sec-0123456789abcd?key=Kq7-Callback-Token-77",
         },
     )
 
@@ -759,7 +771,7 @@ def test_effective_config_masks_every_secret() -> None:
         section, _, key = dotted.partition(".")
         assert data[section][key] == "***", dotted
     assert data["database"]["url"] == "postgresql://iq:***@db.internal:5432/iq?sslpassword=***"
-    assert data["mpesa"]["callback_url"] == "https://iq.example.co.ke/payments/stk/callback?key=***"
+    assert data["mpesa"]["callback_url"] == "https://iq.example.co.ke/payments/stk/callback/Cb7sec-0123456789abcd?key=***"
     assert data["mpesa"]["shortcode"] == "174379"  # not a secret
     assert data["mode"] == "live"
 

@@ -429,12 +429,20 @@ def test_sms_property_one_gsm7_part_with_number_amount_link(
         copy.sms_invoice(invoice, URL),
         copy.sms_reminder(invoice, URL),
         copy.sms_receipt(invoice, "QHX1234567", URL),
+        copy.sms_stk_failed(invoice, 1032, URL),
+        copy.sms_stk_failed(invoice, "weird", URL),
     ):
         length = copy.gsm7_length(text)
         assert length is not None and length <= 160, text
         assert f"#{invoice_id}" in text
         assert f"KES {amount:,}" in text
         assert URL in text
+
+
+def test_sms_stk_failed_says_what_to_reply() -> None:
+    text = copy.sms_stk_failed(INV, 2001, URL)
+    assert text.startswith(f"The M-PESA PIN was wrong for Invoice #{INV.id} (KES ")
+    assert f"Reply PAY {INV.id} or open {URL} to try again." in text
 
 
 def test_gsm7() -> None:
@@ -504,6 +512,8 @@ def every_reply() -> dict[str, list[Reply]]:
         "customer_cancelled_notice": [copy.customer_cancelled_notice(BIG)],
         "invoice_details": [copy.invoice_details(BIG), copy.invoice_details(paid)],
         "customer_hint": [copy.customer_hint(many), copy.customer_hint([BIG]), copy.customer_hint([])],
+        "double_payment": [copy.double_payment(INV, 2500, "NLJ7RT61SV")],
+        "amount_unreadable": [copy.amount_unreadable(INV, "NLJ7RT61SV")],
         "sms_customer_hint": [copy.sms_customer_hint(many), copy.sms_customer_hint([BIG]),
                               copy.sms_customer_hint([])],
         "already_paid": [copy.already_paid(paid)],

@@ -2,75 +2,42 @@
 "Pay with M-PESA", enters a PIN in the M-PESA dialog and reads an SMS link.
 
 Plays the daemon's part itself over the provider APIs, against ``python -m invoiceiq.sandbox``
-mounted at /sandbox. Talks W3C WebDriver to chromedriver with httpx, so it needs no Python
-package beyond the project's; skipped where chromium/chromedriver are not installed.
+mounted at /sandbox. Drives Chromium with tests/browser.py (W3C WebDriver over httpx), so it
+needs no Python package beyond the project's; skipped where chromium/chromedriver are not
+installed, and failed instead when INVOICEIQ_TEST_REQUIRE_BROWSER=1.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
 
 import httpx
 import pytest
 
+from browser import Browser, eventually, free_port, require_browser, start_browser, stop_process
 from invoiceiq.sandbox.daraja import stk_password
 from invoiceiq.sandbox.wire import nairobi_stamp
 
 pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-CHROMEDRIVER = shutil.which("chromedriver")
-ELEMENT = "element-6066-11e4-a52e-4f735466cecf"
 MERCHANT = "254711000111"
 CUSTOMER = "254712345678"
-T = TypeVar("T")
-
-if not (CHROMIUM and CHROMEDRIVER):
-    pytest.skip("needs chromium and chromedriver", allow_module_level=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def eventually(check: Callable[[], T | None], timeout: float = 10.0, what: str = "condition") -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            result = check()
-        except (httpx.TransportError, LookupError):
-            result = None
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+@pytest.fixture(autouse=True)
+def _browser_installed() -> None:
+    require_browser()  # skip without Chromium; fail instead under INVOICEIQ_TEST_REQUIRE_BROWSER=1
 
 
 @pytest.fixture
 def sandbox(tmp_path: Path) -> Iterator[str]:
-    port = _free_port()
+    port = free_port()
     config = tmp_path / "sim.json"
     config.write_text(json.dumps({"status_delay_ms": 0, "callback_delay_ms": 0}))
     proc = subprocess.Popen(
@@ -94,67 +61,13 @@ def sandbox(tmp_path: Path) -> Iterator[str]:
         eventually(lambda: httpx.get(base + "/api/state", timeout=1).status_code == 200, 15, "the sandbox to listen")
         yield base
     finally:
-        _stop(proc)
-
-
-class Browser:
-    """Just enough W3C WebDriver for this test."""
-
-    def __init__(self, url: str) -> None:
-        self.http = httpx.Client(base_url=url, timeout=30)
-        options = {
-            "binary": CHROMIUM,
-            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,1000"],
-        }
-        caps = {"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": options}}}
-        self.session = self._call("POST", "/session", caps)["sessionId"]
-
-    def _call(self, method: str, path: str, body: Any = None) -> Any:
-        r = self.http.request(method, path, json=body)
-        value = r.json()["value"]
-        if r.status_code != 200:
-            raise LookupError(f"{path}: {value}")
-        return value
-
-    def _s(self, path: str) -> str:
-        return f"/session/{self.session}{path}"
-
-    def go(self, url: str) -> None:
-        self._call("POST", self._s("/url"), {"url": url})
-
-    def find(self, css: str) -> str:
-        return self._call("POST", self._s("/element"), {"using": "css selector", "value": css})[ELEMENT]
-
-    def click(self, css: str) -> None:
-        self._call("POST", self._s(f"/element/{self.find(css)}/click"), {})
-
-    def type(self, css: str, text: str) -> None:
-        self._call("POST", self._s(f"/element/{self.find(css)}/value"), {"text": text})
-
-    def js(self, script: str, *args: Any) -> Any:
-        return self._call("POST", self._s("/execute/sync"), {"script": script, "args": list(args)})
-
-    def close(self) -> None:
-        try:
-            self._call("DELETE", self._s(""))
-        finally:
-            self.http.close()
+        stop_process(proc)
 
 
 @pytest.fixture
 def browser() -> Iterator[Browser]:
-    port = _free_port()
-    driver = subprocess.Popen([CHROMEDRIVER, f"--port={port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        eventually(lambda: httpx.get(url + "/status", timeout=1).json()["value"]["ready"], 15, "chromedriver")
-        b = Browser(url)
-        try:
-            yield b
-        finally:
-            b.close()
-    finally:
-        _stop(driver)
+    with start_browser() as b:
+        yield b
 
 
 def test_click_through_an_invoice_and_a_payment(sandbox: str, browser: Browser) -> None:

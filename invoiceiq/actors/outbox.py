@@ -74,7 +74,7 @@ class Outbox:
 
     async def accepted(self, tx: Tx, row: OutboxRow, provider_id: str | None, form: str, after: _After) -> None:
         now = self.clock.now_ms()
-        if not await outbox.mark_sent(tx, row.id, provider_id, now):
+        if not await outbox.mark_sent(tx, row.id, provider_id, now, form):
             log.warning("outbox_claim_lost", outbox_id=row.id)
             return
         await messages.log_message(
@@ -110,6 +110,18 @@ class Outbox:
         after.events.append((row.channel.value, "OUT", "failed"))
         log.warning("message_failed", outbox_id=row.id, channel=row.channel.value, kind=row.kind,
                     invoice_id=row.invoice_id, code=code, reason=reason)
+        if (row.channel is Channel.WHATSAPP and code == "131047" and row.kind in ("invoice", "reminder")
+                and row.sent_form == "interactive"):
+            # Outside the 24-hour window (our record of it was wrong): the approved template is
+            # allowed there. Try it once before falling back to SMS.
+            again = await outbox.enqueue(
+                tx, recipient=row.recipient, channel=Channel.WHATSAPP, kind=row.kind,
+                content=dict(row.content, template_only=True), now_ms=now, invoice_id=row.invoice_id,
+                dedupe_key=f"template:{row.id}", fallback_of=row.fallback_of)
+            if again is not None:
+                after.queued += 1
+                log.info("retry_as_template", outbox_id=row.id, invoice_id=row.invoice_id)
+                return
         if row.channel is Channel.WHATSAPP and self.sms_configured:
             content = dict(row.content, fallback_reason=delivery.fallback_reason(code))
             new_id = await outbox.enqueue(
@@ -287,8 +299,9 @@ class OutboxActor:
         purpose = str(content.get("purpose") or "invoice")
         if row.channel is Channel.SMS:
             return _Rendered(sms=delivery.invoice_sms(invoice, purpose, self.core.pay_url(invoice)), form="sms")
+        last_inbound = None if content.get("template_only") else await customers.last_inbound_ms(tx, invoice.msisdn)
         message = delivery.invoice_message(
-            invoice, purpose, last_inbound_ms=await customers.last_inbound_ms(tx, invoice.msisdn),
+            invoice, purpose, last_inbound_ms=last_inbound,
             now_ms=self.clock.now_ms(), template=self.settings.whatsapp.invoice_template,
             language=self.settings.whatsapp.template_language, pay_url=self.core.pay_url(invoice))
         if isinstance(message, delivery.Template):
@@ -302,7 +315,10 @@ class OutboxActor:
         log.info("message_skipped", outbox_id=row.id, kind=row.kind, invoice_id=row.invoice_id, reason=reason)
 
     async def _on_error(self, row: OutboxRow, exc: GatewayError) -> None:
-        kind = (delivery.ErrorKind.AUTH if isinstance(exc, AuthError)
+        # Africa's Talking 405 (InsufficientBalance) is the account's problem, not the number's:
+        # like broken credentials it pauses the channel and raises an alert.
+        out_of_credit = exc.provider == "africastalking" and exc.code == "405"
+        kind = (delivery.ErrorKind.AUTH if isinstance(exc, AuthError) or out_of_credit
                 else delivery.ErrorKind.TRANSIENT if isinstance(exc, TransientError)
                 else delivery.ErrorKind.PERMANENT)
         retry_after = exc.retry_after_s if isinstance(exc, TransientError) else None
@@ -316,7 +332,8 @@ class OutboxActor:
         after = _After()
         if decision.outcome is delivery.Outcome.PAUSE:
             self._paused_until[row.channel] = now + decision.delay_ms
-            self.channel_problems[row.channel] = f"credentials rejected ({exc.code})"
+            self.channel_problems[row.channel] = (
+                "account out of credit (405)" if out_of_credit else f"credentials rejected ({exc.code})")
             log.error("channel_auth_failed", alert=True, channel=row.channel.value, code=exc.code,
                       paused_s=decision.delay_ms // 1000)
             await self.store.write(lambda tx: outbox.mark_retry(

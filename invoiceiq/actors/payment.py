@@ -24,7 +24,7 @@ from ..core import copy, delivery, settlement
 from ..core.model import Channel, Invoice, InvoiceStatus, PaymentStatus, cents_to_kes
 from ..gateways.http import AuthError, GatewayError, TransientError
 from ..observability import Metrics, get_logger
-from ..store import Store, Tx, inbox, invoices, outbox, payments
+from ..store import Conflict, Store, StoreError, Tx, inbox, invoices, outbox, payments
 from ..store.payments import Attempt
 from . import effects
 
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 ACTOR = "payment"
+POISON_AFTER = 3  # crashes of one event before it is set aside (dead-lettered)
 
 
 @dataclass
@@ -79,7 +80,20 @@ class PaymentActor:
         """Registry handler: work through this invoice's inbox, then its due checks."""
         while True:
             after = _After()
-            work = await self.store.write(lambda tx: self._next_event(tx, invoice_id, after))
+            try:
+                work = await self.store.write(lambda tx: self._next_event(tx, invoice_id, after))
+            except (StoreError, Conflict):
+                raise  # the database, not the event: the registry retries with backoff
+            except Exception:
+                # One event per transaction: the oldest pending one is the culprit. Count it and,
+                # after a few crashes, set it aside so later taps and callbacks still get through.
+                dead = await self.store.write(lambda tx: inbox.record_failure(
+                    tx, ACTOR, invoice_id, self.clock.now_ms(), give_up_after=POISON_AFTER))
+                if dead is not None:
+                    log.error("event_dead_lettered", alert=True, actor=ACTOR, invoice_id=invoice_id,
+                              inbox_seq=dead.seq, kind=dead.kind)
+                    continue
+                raise
             self._observe(after)
             if work is None:
                 break
@@ -182,16 +196,19 @@ class PaymentActor:
         after = _After()
         after.stk_results.append("accepted")
 
-        async def job(tx: Tx) -> None:
+        async def job(tx: Tx) -> bool:
             await payments.accepted(tx, attempt.payment_id, checkout_request_id=accepted.checkout_request_id,
                                     merchant_request_id=accepted.merchant_request_id,
                                     raw_request=dict(accepted.request_for_log))
             after.queued += await self._answer(tx, invoice, copy.prompt_sent(invoice, attempt.phone), work.via,
                                                self.clock.now_ms())
+            # Its callback may have come first (Safaricom can be that quick): claim it now.
+            return await inbox.claim_unmatched(tx, "mpesa", accepted.checkout_request_id, ACTOR, invoice.id)
 
-        await self.store.write(job)
+        early_callback = await self.store.write(job)
         self._observe(after)
-        log.info("payment_accepted", invoice_id=invoice.id, payment_id=attempt.payment_id)
+        log.info("payment_accepted", invoice_id=invoice.id, payment_id=attempt.payment_id,
+                 callback_already_in=early_callback)
 
     async def _push_failed(self, work: _Push, exc: Exception) -> None:
         attempt, invoice = work.attempt, work.invoice
@@ -225,7 +242,8 @@ class PaymentActor:
 
     async def _callback(self, tx: Tx, invoice: Invoice, payload: dict[str, Any], now: int, after: _After) -> None:
         checkout = str(payload.get("checkout_request_id") or "")
-        attempt = await payments.by_checkout_id(tx, checkout)
+        attempt = await payments.for_callback(tx, checkout, payload.get("phone") if isinstance(
+            payload.get("phone"), str) else None)
         if attempt is None:
             log.warning("callback_for_unknown_attempt", invoice_id=invoice.id)
             return
@@ -242,16 +260,24 @@ class PaymentActor:
     async def _apply(self, tx: Tx, invoice: Invoice, attempt: Attempt, result: settlement.Result, now: int,
                      after: _After, raw: Any = None) -> None:
         outcome = settlement.settle(invoice, attempt.status, result)
-        if result.result_code == 0 and result.amount_kes is None and result.via == "callback":
+        if result.result_code == 0 and result.amount_kes is None and result.via == "callback" \
+                and outcome.invoice is settlement.InvoiceEffect.PAY:
             # A success without a readable amount cannot be trusted to settle the invoice.
             outcome = settlement.Settlement(PaymentStatus.SUCCESS, settlement.InvoiceEffect.AMOUNT_MISMATCH)
         receipt = result.receipt
+        unreadable_amount = result.result_code == 0 and result.amount_kes is None and result.via == "callback"
         if outcome.attempt_status is PaymentStatus.SUCCESS and receipt is not None:
             used = await tx.val("SELECT id FROM payments WHERE mpesa_receipt = :r AND id <> :id",
                                 {"r": receipt, "id": attempt.payment_id})
             if used is not None:
                 log.error("receipt_reused", invoice_id=invoice.id, payment_id=attempt.payment_id, alert=True)
                 return
+        if outcome.attempt_status is PaymentStatus.SUCCESS and attempt.status is PaymentStatus.SUCCESS:
+            # Already settled (a query said success first): the callback brings the real receipt.
+            if receipt is not None:
+                await payments.set_receipt(tx, attempt.payment_id, attempt.invoice_id, receipt,
+                                           placeholder=attempt.checkout_request_id)
+            return
         changed = await payments.resolve(
             tx, attempt.payment_id, status=outcome.attempt_status, result_code=result.result_code,
             result_desc=result.result_desc, now_ms=now, receipt=receipt,
@@ -259,8 +285,6 @@ class PaymentActor:
             only_if_initiated=outcome.attempt_status is not PaymentStatus.SUCCESS)
         if not changed and outcome.attempt_status is not PaymentStatus.SUCCESS:
             return
-        if outcome.attempt_status is PaymentStatus.SUCCESS and attempt.status is PaymentStatus.SUCCESS:
-            return  # already applied (a query and a callback both said success)
         log.info("payment_resolved", invoice_id=invoice.id, payment_id=attempt.payment_id,
                  status=outcome.attempt_status.value, effect=outcome.invoice.value, via=result.via,
                  result_code=result.result_code)
@@ -275,12 +299,18 @@ class PaymentActor:
                 after.queued += await self._receipts(tx, paid, ref, now)
         elif effect is settlement.InvoiceEffect.TELL_FAILURE:
             code = result.result_code if result.result_code is not None else "other"
-            queued = await effects.tell_customer(tx, invoice, now, copy.stk_failed(invoice, code), kind="payment_failed")
+            pay_url = f"{self.settings.server.public_base_url}/p/{invoice.pay_token}"
+            queued = await effects.tell_customer(tx, invoice, now, copy.stk_failed(invoice, code), kind="payment_failed",
+                                                 sms=copy.sms_stk_failed(invoice, code, pay_url))
             after.queued += 1 if queued else 0
         elif effect is settlement.InvoiceEffect.AMOUNT_MISMATCH:
-            after.queued += await self._alert(tx, invoice, copy.amount_mismatch(invoice, paid_kes, receipt or "?"), now)
-        elif effect in (settlement.InvoiceEffect.PAID_AFTER_CANCEL, settlement.InvoiceEffect.DOUBLE_PAYMENT):
+            alert = (copy.amount_unreadable(invoice, receipt or "?") if unreadable_amount
+                     else copy.amount_mismatch(invoice, paid_kes, receipt or "?"))
+            after.queued += await self._alert(tx, invoice, alert, now)
+        elif effect is settlement.InvoiceEffect.PAID_AFTER_CANCEL:
             after.queued += await self._alert(tx, invoice, copy.paid_after_cancel(invoice, paid_kes, receipt or "?"), now)
+        elif effect is settlement.InvoiceEffect.DOUBLE_PAYMENT:
+            after.queued += await self._alert(tx, invoice, copy.double_payment(invoice, paid_kes, receipt or "?"), now)
 
     async def _receipts(self, tx: Tx, invoice: Invoice, receipt: str, now: int) -> int:
         pay_url = f"{self.settings.server.public_base_url}/p/{invoice.pay_token}"

@@ -358,9 +358,11 @@ class Registry(Generic[M]):
             delay = backoff_s(actor.failures, self._base, self._max)
             log.exception("actor_crashed", actor=self.name, key=actor.key, failures=actor.failures,
                           retry_in_s=round(delay, 3))
-            # The message that failed is not replayed from memory: the work it stood for is
-            # in the database (the inbox), and the next kick or the scheduler's sweep resumes it.
             await anyio.sleep(delay)
+            # A kick stands for work stored in the database: try it again (after the backoff).
+            # A plain message that failed is not replayed from memory.
+            if message is KICK:
+                actor.kicked = True
 
     async def _janitor(self) -> None:
         """Retire actors without mail for ``idle_s``: a quiet conversation is a row again."""

@@ -44,7 +44,7 @@ from ..core.customer import (
 )
 from ..core.model import Channel, Invoice, InvoiceStatus, kes_to_cents
 from ..observability import Metrics, get_logger
-from ..store import Store, Tx, conversations, customers, inbox, invoices, outbox, payments
+from ..store import Conflict, Store, StoreError, Tx, conversations, customers, inbox, invoices, outbox, payments
 from ..store.inbox import InboxEvent
 from . import effects
 
@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 ACTOR = "session"
 BATCH = 50  # events applied per transaction; a flood is worked off in slices
+POISON_AFTER = 3  # crashes of one event's step before it is set aside (dead-lettered)
 
 
 @dataclass
@@ -82,6 +83,7 @@ class SessionActor:
         self.clock = clock
         self.metrics = metrics
         self.dispatch = dispatch
+        self._careful: set[str] = set()  # conversations retried one event at a time after a crash
         chat = settings.chat
         self.chat = ChatSettings(
             nudge_after_ms=chat.nudge_after_s * 1000, close_after_ms=chat.close_after_s * 1000,
@@ -94,7 +96,15 @@ class SessionActor:
         """Registry handler: apply everything waiting for conversation ``key``."""
         while True:
             after = _AfterCommit()
-            await self.store.write(lambda tx: self._process(tx, key, after))
+            careful = key in self._careful
+            try:
+                await self.store.write(lambda tx: self._process(tx, key, after, 1 if careful else BATCH))
+            except (StoreError, Conflict):
+                raise  # the database, not the event: the registry retries with backoff
+            except Exception:
+                await self._poisoned(key, careful)
+                raise
+            self._careful.discard(key)
             for invoice_id in after.created:
                 self.metrics.invoices_created.inc()
                 log.info("invoice_created", invoice_id=invoice_id, source="chat")
@@ -107,14 +117,29 @@ class SessionActor:
             if not after.more:
                 return
 
-    async def _process(self, tx: Tx, key: str, after: _AfterCommit) -> None:
+    async def _poisoned(self, key: str, careful: bool) -> None:
+        """A step crashed. Retry one event at a time; once a single event has crashed its step
+        ``POISON_AFTER`` times, set it aside so that the conversation goes on without it."""
+        if not careful:
+            self._careful.add(key)
+            return
+
+        async def job(tx: Tx) -> InboxEvent | None:
+            return await inbox.record_failure(tx, ACTOR, key, self.clock.now_ms(), give_up_after=POISON_AFTER)
+
+        dead = await self.store.write(job)
+        if dead is not None:
+            log.error("event_dead_lettered", alert=True, actor=ACTOR, msisdn=key, inbox_seq=dead.seq,
+                      kind=dead.kind)
+
+    async def _process(self, tx: Tx, key: str, after: _AfterCommit, batch: int = BATCH) -> None:
         # The job may be re-run after a Conflict: start from a clean slate each time.
         after.reset()
         now = self.clock.now_ms()
         role = self.role_of(key)
         row = await conversations.load(tx, key, role)
-        events = await inbox.pending(tx, ACTOR, key, limit=BATCH)
-        after.more = len(events) == BATCH
+        events = await inbox.pending(tx, ACTOR, key, limit=batch)
+        after.more = len(events) == batch
         if role == "merchant":
             merchant = ConversationState.from_dict(row.state)
             due_before = merchant.due_ms

@@ -58,6 +58,8 @@ __all__ = [
     "UNKNOWN_COMMAND",
     "Reply",
     "already_paid",
+    "amount_unreadable",
+    "double_payment",
     "sms_customer_hint",
     "amount_mismatch",
     "amount_too_large",
@@ -93,6 +95,7 @@ __all__ = [
     "sent_by_sms",
     "sms_invoice",
     "sms_receipt",
+    "sms_stk_failed",
     "sms_reminder",
     "status_summary",
     "stk_failed",
@@ -179,6 +182,11 @@ def _btn_details(invoice_id: str) -> Button:
 
 def _kes(amount_kes: int) -> str:
     return f"KES {format_kes(amount_kes)}"
+
+
+# An M-PESA receipt is 10 characters; a payment settled by a status query (which carries no
+# receipt) is named by its CheckoutRequestID, about 32: both must show whole.
+RECEIPT_MAX = 48
 
 
 def _clip(text: str, limit: int) -> str:
@@ -450,7 +458,7 @@ def status_summary(invoice: Invoice, payment_attempts: int) -> Reply:
     """``status <id>``: state, channel and delivery state, number of STK attempts."""
     state = _STATUS_WORDS[invoice.status]
     if invoice.status is InvoiceStatus.PAID and invoice.mpesa_receipt:
-        state += f", receipt {_clip(invoice.mpesa_receipt, 20)}"
+        state += f", receipt {_clip(invoice.mpesa_receipt, RECEIPT_MAX)}"
     if invoice.channel is None:
         delivery = "Not delivered yet"
     else:
@@ -503,7 +511,7 @@ def delivery_failed(invoice: Invoice) -> Reply:
 def amount_mismatch(invoice: Invoice, paid_kes: int, mpesa_receipt: str) -> Reply:
     return Reply(
         f"Check Invoice #{invoice.id}: it is for {_kes(invoice.amount_kes)} but M-PESA paid "
-        f"{_kes(paid_kes)} (receipt {_clip(mpesa_receipt, 20)}).\n"
+        f"{_kes(paid_kes)} (receipt {_clip(mpesa_receipt, RECEIPT_MAX)}).\n"
         "Please settle the difference with the customer."
     )
 
@@ -511,8 +519,24 @@ def amount_mismatch(invoice: Invoice, paid_kes: int, mpesa_receipt: str) -> Repl
 def paid_after_cancel(invoice: Invoice, paid_kes: int, mpesa_receipt: str) -> Reply:
     return Reply(
         f"{_kes(paid_kes)} arrived for cancelled Invoice #{invoice.id} "
-        f"(receipt {_clip(mpesa_receipt, 20)}).\n"
+        f"(receipt {_clip(mpesa_receipt, RECEIPT_MAX)}).\n"
         "Please refund the customer or send a new invoice."
+    )
+
+
+def double_payment(invoice: Invoice, paid_kes: int, mpesa_receipt: str) -> Reply:
+    """A second payment for an invoice already paid (a late success of an earlier prompt)."""
+    return Reply(
+        f"{_kes(paid_kes)} arrived again for Invoice #{invoice.id}, which was already paid "
+        f"(receipt {_clip(mpesa_receipt, RECEIPT_MAX)}).\nPlease refund the customer the extra payment."
+    )
+
+
+def amount_unreadable(invoice: Invoice, mpesa_receipt: str) -> Reply:
+    """M-PESA reported a payment whose amount we could not read: a person must check it."""
+    return Reply(
+        f"Check Invoice #{invoice.id}: M-PESA reported a payment (receipt {_clip(mpesa_receipt, RECEIPT_MAX)}) "
+        "but not a clear amount.\nPlease confirm it in your M-PESA statement before marking it paid."
     )
 
 
@@ -542,7 +566,7 @@ def receipt(invoice: Invoice, mpesa_receipt: str) -> Reply:
     """8.1, word for word; sent to the customer and the merchant alike."""
     return Reply(
         f"Paid \u2714 \u2014 Invoice #{invoice.id} ({_kes(invoice.amount_kes)})\n"
-        f"Receipt: {_clip(mpesa_receipt, 20)}\n"
+        f"Receipt: {_clip(mpesa_receipt, RECEIPT_MAX)}\n"
         "Thank you!"
     )
 
@@ -556,7 +580,7 @@ def invoice_details(invoice: Invoice) -> Reply:
     if invoice.status is InvoiceStatus.PAID:
         status = "Paid \u2714"
         if invoice.mpesa_receipt:
-            status += f" (receipt {_clip(invoice.mpesa_receipt, 20)})"
+            status += f" (receipt {_clip(invoice.mpesa_receipt, RECEIPT_MAX)})"
     elif invoice.status is InvoiceStatus.CANCELLED:
         status = "Cancelled"
     else:
@@ -616,7 +640,7 @@ def sms_customer_hint(invoices: Sequence[Invoice]) -> Reply:
 def already_paid(invoice: Invoice) -> Reply:
     paid = f"{_subject(invoice)} is already paid."
     if invoice.mpesa_receipt:
-        paid += f" Receipt: {_clip(invoice.mpesa_receipt, 20)}."
+        paid += f" Receipt: {_clip(invoice.mpesa_receipt, RECEIPT_MAX)}."
     return Reply(f"{paid} Thank you!")
 
 
@@ -765,9 +789,16 @@ def sms_reminder(invoice: Invoice, pay_url: str) -> str:
     )
 
 
+def sms_stk_failed(invoice: Invoice, result_code: int | str, pay_url: str) -> str:
+    """A failed prompt told by SMS: no button there, so the words to reply and the link."""
+    first, _ = _STK_FAILURES.get(str(result_code).strip(), _STK_OTHER)
+    return _sms(first.format(s=f"Invoice #{invoice.id} ({_kes(invoice.amount_kes)})"),
+                f" Reply PAY {invoice.id} or open {pay_url} to try again.")
+
+
 def sms_receipt(invoice: Invoice, mpesa_receipt: str, pay_url: str) -> str:
     return _sms(
         f"Paid - Invoice #{invoice.id} ({_kes(invoice.amount_kes)}). "
-        f"Receipt: {_clip(mpesa_receipt, 20)}. Thank you! Details: {pay_url}",
+        f"Receipt: {_clip(mpesa_receipt, RECEIPT_MAX)}. Thank you! Details: {pay_url}",
         "",
     )

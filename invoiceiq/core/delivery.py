@@ -120,7 +120,8 @@ def retry_delay_ms(attempts: int, *, base_s: int, max_s: int, retry_after_s: int
     """Exponential backoff with +/-25% jitter (``jitter`` in [0, 1) from the caller), never
     sooner than the provider's Retry-After."""
     backoff_ms = min(max_s * 1000, base_s * 1000 * 2 ** max(0, attempts - 1))
-    spread = int(backoff_ms * (0.75 + 0.5 * jitter))
+    # The cap holds after the jitter too: backoff_max_s is the longest wait, as documented.
+    spread = min(max_s * 1000, int(backoff_ms * (0.75 + 0.5 * jitter)))
     if retry_after_s is not None:
         spread = max(spread, retry_after_s * 1000)
     return spread

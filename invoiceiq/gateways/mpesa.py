@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import anyio
@@ -130,6 +130,17 @@ class _Token:
     refresh_at_ms: int
 
 
+class TokenStore(Protocol):
+    """Where several processes share one Daraja token: minting a new token revokes the
+    previous one, so instances that each kept their own would keep revoking each other's."""
+
+    async def load(self) -> tuple[str, int] | None:
+        """The shared token and when to refresh it (epoch ms), if any."""
+        ...
+
+    async def save(self, token: str, refresh_at_ms: int) -> None: ...
+
+
 class DarajaClient:
     """One shortcode's Daraja credentials and the OAuth token they share."""
 
@@ -142,6 +153,8 @@ class DarajaClient:
         "_now",
         "_lock",
         "_token",
+        "_shared",
+        "_revoked",
     )
 
     def __init__(
@@ -154,9 +167,12 @@ class DarajaClient:
         passkey: str,
         *,
         now: Callable[[], int] = wall_clock_ms,
+        shared: TokenStore | None = None,
     ) -> None:
         if not (shortcode.isascii() and shortcode.isdigit()):
             raise ValueError("shortcode must be digits")
+        self._shared = shared
+        self._revoked: str | None = None
         self._http = http
         self._base = api_base.rstrip("/")
         self._auth = httpx.BasicAuth(consumer_key, consumer_secret)
@@ -306,6 +322,7 @@ class DarajaClient:
             # unless a concurrent caller already replaced it.
             if self._token is not None and self._token.value == token:
                 self._token = None
+            self._revoked = token
         # A token minted a moment ago refused too: the credentials or the app are at fault.
         reason = _str(as_mapping(json_body(response)).get("errorMessage")) or "Invalid Access Token"
         raise AuthError(PROVIDER, _INVALID_TOKEN, reason, http_status=response.status_code)
@@ -317,8 +334,22 @@ class DarajaClient:
                 # Whoever held the lock before us may have fetched it already.
                 token = self._token
                 if token is None or self._now() >= token.refresh_at_ms:
-                    token = self._token = await self._fetch_token()
+                    token = self._token = await self._shared_or_new_token()
         return token.value
+
+    async def _shared_or_new_token(self) -> _Token:
+        """Another process may have minted a token (revoking ours): use it if it is fresh and
+        not the one just refused; else mint one and share it."""
+        if self._shared is not None:
+            found = await self._shared.load()
+            if found is not None:
+                value, refresh_at = found
+                if value != self._revoked and self._now() < refresh_at:
+                    return _Token(value=value, refresh_at_ms=refresh_at)
+        token = await self._fetch_token()
+        if self._shared is not None:
+            await self._shared.save(token.value, token.refresh_at_ms)
+        return token
 
     async def _fetch_token(self) -> _Token:
         response = await request(
@@ -440,9 +471,11 @@ def _whole_number(value: object) -> int | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
-        return value
+        # Beyond 15 digits nothing M-PESA sends is meaningful, and it would not fit a BIGINT.
+        return value if abs(value) < 10**15 else None
     if isinstance(value, float):
-        return int(value) if math.isfinite(value) and value.is_integer() else None
+        ok = math.isfinite(value) and value.is_integer() and abs(value) < 1e15
+        return int(value) if ok else None
     if isinstance(value, str) and len(value) <= 32:
         try:
             d = Decimal(value.strip())
@@ -497,7 +530,15 @@ def _error_code(response: httpx.Response) -> str | None:
 
 
 def _str(value: object) -> str | None:
-    return value if isinstance(value, str) and value else None
+    """A non-empty string with control characters (a NUL, say) removed: callbacks are
+    unauthenticated input and some databases refuse such characters outright."""
+    if not isinstance(value, str) or not value:
+        return None
+    cleaned = _CONTROL.sub("", value)
+    return cleaned or None
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _origin(url: str) -> str:

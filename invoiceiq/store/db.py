@@ -57,19 +57,27 @@ class Tx:
         self.dialect = dialect
 
     async def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
-        await self._conn.execute(sql, dict(params) if params else None)
+        await self._conn.execute(sql, _pg_params(params))
 
     async def one(self, sql: str, params: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
-        row = await self._conn.fetch_one(sql, dict(params) if params else None)
+        row = await self._conn.fetch_one(sql, _pg_params(params))
         return None if row is None else dict(row._mapping)
 
     async def all(self, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
-        rows = await self._conn.fetch_all(sql, dict(params) if params else None)
+        rows = await self._conn.fetch_all(sql, _pg_params(params))
         return [dict(r._mapping) for r in rows]
 
     async def val(self, sql: str, params: Mapping[str, Any] | None = None) -> Any:
-        row = await self._conn.fetch_one(sql, dict(params) if params else None)
+        row = await self._conn.fetch_one(sql, _pg_params(params))
         return None if row is None else next(iter(row._mapping.values()))
+
+
+def _pg_params(params: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """PostgreSQL refuses a NUL character in text, where SQLite keeps it. Text reaching us
+    from outside may carry one; dropping it beats failing the whole transaction."""
+    if not params:
+        return None
+    return {k: v.replace("\x00", "") if isinstance(v, str) and "\x00" in v else v for k, v in params.items()}
 
 
 class SqliteTx(Tx):

@@ -71,6 +71,33 @@ async def mark_processed(tx: Tx, seq: int, now_ms: int) -> bool:
     return row is not None
 
 
+async def claim_unmatched(tx: Tx, source: str, event_id: str, actor: str, actor_key: str) -> bool:
+    """Hand an event stored as unmatched (a callback that beat its push's answer) to its
+    owner, now that we know it: unprocessed again, under the right actor and key."""
+    row = await tx.one(
+        "UPDATE inbox SET actor = :actor, actor_key = :key, processed_at_ms = NULL"
+        " WHERE source = :src AND event_id = :eid AND actor = 'unmatched' RETURNING seq",
+        {"actor": actor, "key": actor_key, "src": source, "eid": event_id})
+    return row is not None
+
+
+async def record_failure(tx: Tx, actor: str, actor_key: str, now_ms: int, *, give_up_after: int) -> InboxEvent | None:
+    """Processing the oldest pending event of ``actor_key`` crashed: count it, and after
+    ``give_up_after`` crashes set it aside (processed, marked dead) so that one poisoned event
+    cannot block every later one of that conversation or invoice. Returns it if set aside."""
+    first = await pending(tx, actor, actor_key, limit=1)
+    if not first:
+        return None
+    event = first[0]
+    failures = await tx.val("UPDATE inbox SET failures = failures + 1 WHERE seq = :seq RETURNING failures",
+                            {"seq": event.seq})
+    if int(failures or 0) < give_up_after:
+        return None
+    await tx.execute("UPDATE inbox SET processed_at_ms = :now, dead = 1 WHERE seq = :seq AND processed_at_ms IS NULL",
+                     {"now": now_ms, "seq": event.seq})
+    return event
+
+
 async def unprocessed_keys(tx: Tx, received_before_ms: int, limit: int = 500) -> list[tuple[str, str]]:
     """(actor, key) pairs with events still waiting: what a restart (or a sweep) must resume."""
     rows = await tx.all(

@@ -36,6 +36,7 @@ class OutboxRow:
     last_error: str | None
     fallback_of: int | None
     created_at_ms: int
+    sent_form: str | None = None  # how it went: text | interactive | template | sms
 
 
 def _row(r: dict[str, Any]) -> OutboxRow:
@@ -44,7 +45,7 @@ def _row(r: dict[str, Any]) -> OutboxRow:
         invoice_id=r["invoice_id"], content=loads(r["content"]) or {}, status=r["status"],
         attempts=int(r["attempts"]), next_attempt_at_ms=int(r["next_attempt_at_ms"]),
         provider_message_id=r["provider_message_id"], last_error=r["last_error"],
-        fallback_of=r["fallback_of"], created_at_ms=int(r["created_at_ms"]),
+        fallback_of=r["fallback_of"], created_at_ms=int(r["created_at_ms"]), sent_form=r.get("sent_form"),
     )
 
 
@@ -100,13 +101,14 @@ async def claim_due(tx: Tx, *, now_ms: int, limit: int, worker: str, lease_ms: i
     return sorted((_row(r) for r in rows), key=lambda r: r.id)
 
 
-async def mark_sent(tx: Tx, row_id: int, provider_message_id: str | None, now_ms: int) -> bool:
+async def mark_sent(tx: Tx, row_id: int, provider_message_id: str | None, now_ms: int,
+                    form: str | None = None) -> bool:
     """SENDING -> SENT (the provider accepted it). False if the claim was lost meanwhile."""
     done = await tx.one(
-        "UPDATE outbox SET status = 'SENT', provider_message_id = :pid, sent_at_ms = :now,"
+        "UPDATE outbox SET status = 'SENT', provider_message_id = :pid, sent_at_ms = :now, sent_form = :form,"
         " claimed_until_ms = NULL, last_error = NULL, updated_at_ms = :now"
         " WHERE id = :id AND status = 'SENDING' RETURNING id",
-        {"pid": provider_message_id, "now": now_ms, "id": row_id})
+        {"pid": provider_message_id, "now": now_ms, "id": row_id, "form": form})
     return done is not None
 
 

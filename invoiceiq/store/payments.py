@@ -105,6 +105,16 @@ async def resolve(tx: Tx, payment_id: str, *, status: PaymentStatus, result_code
     return True
 
 
+async def set_receipt(tx: Tx, payment_id: str, invoice_id: str, receipt: str, placeholder: str | None) -> None:
+    """The real M-PESA receipt for an attempt settled by a query (which carries none): replace
+    the stand-in reference on the payment and on the invoice."""
+    await tx.execute("UPDATE payments SET mpesa_receipt = :r WHERE id = :id AND mpesa_receipt IS NULL",
+                     {"r": receipt, "id": payment_id})
+    if placeholder:
+        await tx.execute("UPDATE invoices SET pay_ref = :r WHERE id = :inv AND pay_ref = :old",
+                         {"r": receipt, "inv": invoice_id, "old": placeholder})
+
+
 async def claim_check(tx: Tx, payment_id: str, expected_next_ms: int, new_next_ms: int) -> bool:
     """Claim a due status query (so exactly one process sends it) and schedule the next one."""
     done = await tx.val(
@@ -121,6 +131,18 @@ async def in_flight(tx: Tx, invoice_id: str) -> Attempt | None:
 
 async def by_checkout_id(tx: Tx, checkout_request_id: str) -> Attempt | None:
     row = await tx.one(f"{_SELECT} WHERE a.checkout_request_id = :co", {"co": checkout_request_id})
+    return _attempt(row) if row else None
+
+
+async def for_callback(tx: Tx, checkout_request_id: str, phone: str | None) -> Attempt | None:
+    """The attempt a callback is about, in ONE statement (one snapshot): by its
+    CheckoutRequestID, or else — when the push's answer was lost or is being recorded right
+    now by another process — the in-flight attempt without an id for the paying phone."""
+    row = await tx.one(
+        f"{_SELECT} WHERE a.checkout_request_id = :co"
+        " OR (:ph <> '' AND a.phone = :ph AND p.status = 'INITIATED' AND a.checkout_request_id IS NULL)"
+        " ORDER BY CASE WHEN a.checkout_request_id = :co THEN 0 ELSE 1 END, a.requested_at_ms DESC LIMIT 1",
+        {"co": checkout_request_id, "ph": phone or ""})
     return _attempt(row) if row else None
 
 

@@ -14,7 +14,7 @@ from ..core import validate
 from ..core.model import Invoice, InvoiceStatus, kes_to_cents
 from ..observability import get_logger
 from ..store import Tx, idempotency, invoices
-from .common import admin_denied, error, json_response
+from .common import admin_denied, decode_json, error, json_response
 from .context import services
 
 bp = Blueprint("api", __name__)
@@ -44,11 +44,10 @@ def invoice_json(invoice: Invoice, pay_base_url: str) -> dict[str, Any]:
 
 async def read_json_object() -> tuple[dict[str, Any] | None, Response | None]:
     raw = await request.get_data(cache=True)
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None, error(400, "body must be a JSON object")
-    if not isinstance(body, dict):
+    ok, body = decode_json(raw)
+    if not ok or not isinstance(body, dict):
+        log.warning("api_request_refused", route=request.path, status=400,
+                    reason="body is not a JSON object (or nests too deep)")
         return None, error(400, "body must be a JSON object")
     return body, None
 
@@ -122,6 +121,11 @@ async def idempotent(scope: str, key: str | None, body: dict[str, Any],
         return status, text, {}
 
     status, text, headers = await svc.store.write(job)
+    if status in (409, 422):
+        # Say why in the log too (field names only: values may be personal data).
+        fields = sorted(orjson.loads(text).get("errors", {})) if status == 422 else []
+        log.warning("api_request_refused", route=scope, status=status, fields=fields,
+                    reason="validation failed" if status == 422 else "Idempotency-Key reused with another body")
     return Response(text, status=status, content_type="application/json", headers=headers)
 
 

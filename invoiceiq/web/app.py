@@ -15,6 +15,11 @@ from .context import Services
 log = get_logger(__name__)
 
 
+def _rule() -> str:
+    """The route's pattern, never the path: paths carry pay tokens and callback secrets."""
+    return request.url_rule.rule if request.url_rule is not None else "unmatched"
+
+
 def create_app(svc: Services) -> Quart:
     app = Quart("invoiceiq")
     app.extensions["invoiceiq"] = svc
@@ -31,7 +36,7 @@ def create_app(svc: Services) -> Quart:
     async def _observe(response: Response) -> Response:
         started = request.scope.get("iq_started")
         if started is not None:
-            rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
+            rule = _rule()
             svc.metrics.http_latency.labels(rule, request.method).observe(time.perf_counter() - started)
         return response
 
@@ -40,12 +45,13 @@ def create_app(svc: Services) -> Quart:
         code = exc.code or 500
         if code == 413:
             svc.metrics.webhook_rejected.labels("too_large").inc()
+            log.warning("request_too_large", route=_rule(), limit=limit)
             return error(413, f"request body over {limit} bytes")
         return error(code, exc.name.lower() if exc.name else "error")
 
     @app.errorhandler(Exception)
     async def _crash(exc: Exception) -> Response:
-        log.exception("request_failed", route=request.path, method=request.method)
+        log.exception("request_failed", route=_rule(), method=request.method)
         return error(500, "internal error")
 
     return app

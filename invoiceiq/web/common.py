@@ -16,6 +16,33 @@ from .context import services
 log = get_logger(__name__)
 
 
+MAX_JSON_DEPTH = 32  # no provider or client of ours nests deeper; orjson writes at most 254
+
+
+def decode_json(raw: bytes) -> tuple[bool, Any]:
+    """(True, value) for JSON no deeper than ``MAX_JSON_DEPTH``; (False, None) otherwise.
+
+    orjson reads 1,024 levels but writes only 254: a body we could read but not store again
+    would fail later, inside a transaction. Refuse it at the door instead."""
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return False, None
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > MAX_JSON_DEPTH:
+            return False, None
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return True, value
+
+
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(orjson.dumps(body), status=status, content_type="application/json", headers=headers)
 

@@ -16,8 +16,8 @@ from collections import deque
 
 from quart import Blueprint, Response, redirect, request
 
-from ..core import validate
-from ..core.model import Invoice, InvoiceStatus, format_kes
+from ..core import copy, validate
+from ..core.model import Invoice, InvoiceStatus, PaymentStatus, format_kes
 from ..observability import get_logger
 from ..store import StoreError, Tx, inbox, invoices, payments
 from ..store.payments import Attempt
@@ -96,11 +96,13 @@ def _status_word(invoice: Invoice) -> str:
 
 
 async def _load(token: str) -> tuple[Invoice | None, Attempt | None]:
+    """The invoice and its latest payment attempt (in flight or not)."""
     async def job(tx: Tx) -> tuple[Invoice | None, Attempt | None]:
         invoice = await invoices.get_by_token(tx, token)
         if invoice is None:
             return None, None
-        return invoice, await payments.in_flight(tx, invoice.id)
+        attempts = await payments.for_invoice(tx, invoice.id)
+        return invoice, attempts[-1] if attempts else None
     return await services().store.read(job)
 
 
@@ -120,13 +122,21 @@ async def show(token: str) -> Response:
         body += f"<p class=\"note\">Paid &#10004; Receipt: <strong>{e(invoice.mpesa_receipt or '')}</strong>. Thank you!</p>"
     elif invoice.status is InvoiceStatus.CANCELLED:
         body += "<p class=\"note warn\">This invoice was cancelled. There is nothing to pay.</p>"
-    elif attempt is not None:
+    elif attempt is not None and attempt.status is PaymentStatus.INITIATED:
         refresh = True
         body += (f"<p class=\"note\">The M-PESA prompt was sent to {e(validate.short_msisdn(attempt.phone))}. "
                  "Check your phone and enter your M-PESA PIN.</p>")
     else:
         csrf = secrets.token_urlsafe(24)
-        if request.args.get("requested"):
+        requested = request.args.get("requested", "")
+        asked_ms = int(requested) if requested.isdigit() and len(requested) <= 15 else None
+        now = svc.clock.now_ms()
+        if asked_ms is not None and attempt is not None and attempt.requested_at_ms >= asked_ms - 1000:
+            # Our request's attempt is over without paying: say so, offer the button again.
+            code = attempt.result_code if attempt.result_code is not None else "other"
+            failed = copy.stk_failed(invoice, code).text.split("\n")[0]
+            body += f"<p class=\"note warn\">{e(failed)}</p>"
+        elif asked_ms is not None and 0 <= now - asked_ms < 60_000:
             refresh = True
             body += "<p class=\"note\">Sending the M-PESA prompt to your phone&hellip;</p>"
         body += (f"<form method=\"post\" action=\"/p/{e(token)}/pay\">"
@@ -158,6 +168,7 @@ async def pay(token: str) -> Response:
                      status=403)
     invoice, _ = await _load(token) if len(token) <= 64 else (None, None)
     if invoice is None:
+        log.warning("paylink_unknown_token", source=address)
         return _page("Invoice not found", "<div class=\"card\"><h1>Invoice not found</h1></div>", status=404)
     now = svc.clock.now_ms()
     # One request per page load: a double click posts the same csrf value, stored once.
@@ -173,4 +184,4 @@ async def pay(token: str) -> Response:
         return _page("Try again", "<div class=\"card\"><h1>Please try again in a moment</h1></div>", status=503)
     svc.dispatch.kick("payment", invoice.id)
     log.info("paylink_pay_requested", invoice_id=invoice.id)
-    return redirect(f"/p/{token}?requested=1", 303)
+    return redirect(f"/p/{token}?requested={now}", 303)

@@ -18,7 +18,7 @@ from ..gateways import mpesa
 from ..observability import get_logger
 from ..store import StoreError, Tx, inbox, invoices, payments
 from .api import idempotency_key, idempotent, read_json_object
-from .common import admin_denied, client_ip, error, ip_allowed, json_response, secrets_equal
+from .common import admin_denied, client_ip, decode_json, error, ip_allowed, json_response, secrets_equal
 from .context import services
 
 bp = Blueprint("payments", __name__)
@@ -39,10 +39,7 @@ async def callback(secret: str) -> Response:
         log.warning("webhook_rejected", provider="mpesa", reason="source_not_allowed", source=source)
         return error(403, "forbidden")
     raw = await request.get_data(cache=False)
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        body = None
+    _, body = decode_json(raw)
     parsed = mpesa.parse_callback(body)
     if parsed is None:
         svc.metrics.webhook_rejected.labels("mpesa_unreadable").inc()
@@ -64,14 +61,14 @@ async def callback(secret: str) -> Response:
     now = svc.clock.now_ms()
 
     async def store(tx: Tx) -> tuple[str | None, bool]:
-        attempt = await payments.by_checkout_id(tx, parsed.checkout_request_id)
-        if attempt is None and parsed.phone:
+        attempt = await payments.for_callback(tx, parsed.checkout_request_id, parsed.phone)
+        if attempt is not None and attempt.checkout_request_id is None:
             # The push's answer was lost, so we never learnt this id: tie it back by phone.
-            attempt = await payments.orphan_for_phone(tx, parsed.phone)
-            if attempt is not None:
-                await payments.adopt_checkout_id(tx, attempt.payment_id, parsed.checkout_request_id)
-        key = attempt.invoice_id if attempt is not None else "unknown"
-        seq = await inbox.put(tx, source="mpesa", event_id=parsed.checkout_request_id, actor="payment",
+            await payments.adopt_checkout_id(tx, attempt.payment_id, parsed.checkout_request_id)
+        # Unknown so far: kept aside as 'unmatched'; if its push's answer comes in later (a
+        # callback can overtake it), the payment actor claims it (inbox.claim_unmatched).
+        actor, key = ("payment", attempt.invoice_id) if attempt is not None else ("unmatched", "-")
+        seq = await inbox.put(tx, source="mpesa", event_id=parsed.checkout_request_id, actor=actor,
                               actor_key=key, kind="callback", payload=payload, now_ms=now)
         if seq is not None and attempt is None:
             await inbox.mark_processed(tx, seq, now)

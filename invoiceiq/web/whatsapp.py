@@ -20,7 +20,7 @@ from ..core.model import Channel, Direction
 from ..gateways import whatsapp as wa
 from ..observability import get_logger
 from ..store import StoreError, Tx, customers, inbox, messages
-from .common import error, json_response, secrets_equal
+from .common import decode_json, error, json_response, secrets_equal
 from .context import services
 
 bp = Blueprint("whatsapp", __name__)
@@ -54,9 +54,8 @@ async def receive() -> Response:
         svc.metrics.webhook_rejected.labels(f"whatsapp_{reason}").inc()
         log.warning("webhook_rejected", provider="whatsapp", reason=reason, bytes=len(body))
         return error(401, "invalid signature")
-    try:
-        decoded = orjson.loads(body)
-    except orjson.JSONDecodeError:
+    readable, decoded = decode_json(body)
+    if not readable:
         svc.metrics.webhook_rejected.labels("whatsapp_not_json").inc()
         log.warning("webhook_unreadable", provider="whatsapp", bytes=len(body))
         return json_response({"status": "ignored"})

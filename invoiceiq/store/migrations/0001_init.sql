@@ -106,6 +106,8 @@ CREATE TABLE inbox (
   payload JSON NOT NULL,
   received_at_ms BIGINT NOT NULL,
   processed_at_ms BIGINT,
+  failures INTEGER NOT NULL DEFAULT 0,
+  dead INTEGER NOT NULL DEFAULT 0,
   UNIQUE (source, event_id)
 );
 CREATE INDEX inbox_pending ON inbox (actor, actor_key, seq) WHERE processed_at_ms IS NULL;
@@ -137,6 +139,7 @@ CREATE TABLE outbox (
   claimed_by TEXT,
   last_error TEXT,
   provider_message_id TEXT,
+  sent_form TEXT,
   dedupe_key TEXT UNIQUE,
   fallback_of BIGINT,
   created_at_ms BIGINT NOT NULL,
