@@ -223,6 +223,10 @@ class LogSettings:
 class SandboxSettings:
     latency_ms: int = 0
     customer_msisdn: str = "254712345678"
+    status_delay_ms: int = 250
+    callback_delay_ms: int = 1000
+    prompt_timeout_s: int = 60
+    stk_lock_s: int = 60
 
 
 @dataclass(frozen=True, slots=True)
@@ -731,6 +735,10 @@ _VALIDATORS: Final[Mapping[str, _Validator]] = {
     "log.level": _one_of("debug", "info", "warning", "error", fold_case=True),
     "sandbox.latency_ms": _at_least(0),
     "sandbox.customer_msisdn": _msisdn(optional=False),
+    "sandbox.status_delay_ms": _at_least(0),
+    "sandbox.callback_delay_ms": _at_least(0),
+    "sandbox.prompt_timeout_s": _at_least(1),
+    "sandbox.stk_lock_s": _at_least(0),
 }
 
 

@@ -18,6 +18,7 @@ import os
 import secrets
 import signal
 import socket
+import sys
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -92,6 +93,10 @@ def sandbox_settings(settings: Settings, port: int) -> tuple[Settings, Any]:
         default_customer_msisdn=settings.sandbox.customer_msisdn,
         merchant_name=f"{settings.merchant.name} (merchant)",
         latency_ms=settings.sandbox.latency_ms,
+        status_delay_ms=settings.sandbox.status_delay_ms,
+        callback_delay_ms=settings.sandbox.callback_delay_ms,
+        prompt_timeout_s=float(settings.sandbox.prompt_timeout_s),
+        stk_lock_s=float(settings.sandbox.stk_lock_s),
         wa_template_name=settings.whatsapp.invoice_template,
         wa_template_language=settings.whatsapp.template_language,
         wa_template_buttons=("quick_reply:Pay with M-PESA",),
@@ -298,8 +303,12 @@ class Daemon:
                 self.simulator = Simulator(self.sim_config)
                 supervisor.start("sandbox", self.simulator.run)
                 app = mount(app, "/sandbox", self.simulator.asgi_app)
-                log.info("sandbox_console", url=f"{settings.server.public_base_url}/sandbox/",
+                console = f"{settings.server.public_base_url}/sandbox/"
+                log.info("sandbox_console", url=console,
                          merchant=self.sim_config.merchant_msisdn, customer=self.sim_config.default_customer_msisdn)
+                # One plain line for the person who just typed `make run` (the log is JSON).
+                print(f"InvoiceIQ sandbox (simulated providers, no real money): open {console}",
+                      file=sys.stderr, flush=True)
             app = self.pressure.wrap(app)
             served = anyio.Event()
 

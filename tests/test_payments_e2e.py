@@ -988,7 +988,7 @@ async def test_success_callback_before_the_push_answer_is_adopted(database_url: 
         assert (await invoice_json(h))["status"] == "PAID"
 
 
-async def test_failure_callback_before_the_push_answer_is_recovered_by_the_query(
+async def test_failure_callback_before_the_push_answer_is_applied_when_the_answer_arrives(
         database_url: str, clock: ManualClock) -> None:
     daraja = GatedDaraja()
     providers = FakeProviders(daraja=daraja)
@@ -998,17 +998,18 @@ async def test_failure_callback_before_the_push_answer_is_recovered_by_the_query
         await h.tap(CUSTOMER, "pay_now:1001")
         with anyio.fail_after(5):
             await daraja.arrived.wait()
-        # A failure carries no phone number, so it cannot be tied to the attempt yet.
+        # A failure carries no phone number, so it cannot be tied to the attempt yet: it is kept
+        # aside, and claimed the moment the push's answer tells us its CheckoutRequestID.
+        mark = len(h.providers.to(CUSTOMER))
         response = await h.callback(stk_callback("ws_CO_TEST000001", 1032))
         assert response.status_code == 200 and response.json() == ACK
         daraja.gate.set()
-        await wait_until(h, lambda: len(h.providers.to(CUSTOMER)) >= 2, "the prompt-sent reply")
+        await wait_until(h, lambda: FAILURE_TEXT["1032"] in [s.text for s in after(h, CUSTOMER, mark)],
+                         "the failure message")
         await settle(h)
-        daraja.query_answers["ws_CO_TEST000001"] = 1032
-        mark = len(h.providers.to(CUSTOMER))
-        await advance(h, clock, MINUTE)
-        assert [s.text for s in after(h, CUSTOMER, mark)] == [FAILURE_TEXT["1032"]]
         assert [a["status"] for a in await attempts(h)] == ["FAILED"]
+        # No status query was needed for it.
+        assert daraja.queries == []
 
 
 # -- the internal API --------------------------------------------------------------------------------

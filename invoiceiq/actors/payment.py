@@ -370,6 +370,13 @@ class PaymentActor:
                 if await payments.resolve(tx, current.payment_id, status=PaymentStatus.EXPIRED, result_code=None,
                                           result_desc="no answer from M-PESA", now_ms=now2, only_if_initiated=True):
                     log.info("payment_expired", invoice_id=invoice.id, payment_id=current.payment_id)
+                    if invoice.is_open:
+                        # Not a silent end: the customer learns the prompt lapsed and can try again.
+                        pay_url = f"{self.settings.server.public_base_url}/p/{invoice.pay_token}"
+                        if await effects.tell_customer(
+                                tx, invoice, now2, copy.stk_failed(invoice, "1019"), kind="payment_failed",
+                                sms=copy.sms_stk_failed(invoice, "1019", pay_url)):
+                            after.queued += 1
 
         await self.store.write(job)
         self._observe(after)
