@@ -23,7 +23,7 @@ import anyio
 from ..clock import Clock
 from ..core import copy, delivery
 from ..core.model import Channel, Direction, Invoice, InvoiceStatus
-from ..gateways.http import AuthError, GatewayError, PermanentError, TransientError
+from ..gateways.http import AuthError, GatewayError, TransientError
 from ..observability import Metrics, get_logger
 from ..store import Store, Tx, customers, inbox, invoices, messages, outbox
 from ..store.outbox import OutboxRow
@@ -70,7 +70,7 @@ class Outbox:
         self.sms_configured = False
 
     def pay_url(self, invoice: Invoice) -> str:
-        return f"{self.settings.server.public_base_url}/p/{invoice.pay_token}"
+        return invoice.pay_url(self.settings.server.public_base_url)
 
     async def accepted(self, tx: Tx, row: OutboxRow, provider_id: str | None, form: str, after: _After) -> None:
         now = self.clock.now_ms()
@@ -255,7 +255,8 @@ class OutboxActor:
             return
         except ValueError as exc:
             # Our message broke a provider rule before it left: as permanent as it gets.
-            await self.store.write(lambda tx: self.core.failed(tx, row, f"invalid message: {exc}", "local", after))
+            reason = f"invalid message: {exc}"
+            await self.store.write(lambda tx: self.core.failed(tx, row, reason, "local", after))
             self.core.observe(after)
             self.waker.wake()
             return

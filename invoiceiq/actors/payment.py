@@ -299,7 +299,7 @@ class PaymentActor:
                 after.queued += await self._receipts(tx, paid, ref, now)
         elif effect is settlement.InvoiceEffect.TELL_FAILURE:
             code = result.result_code if result.result_code is not None else "other"
-            pay_url = f"{self.settings.server.public_base_url}/p/{invoice.pay_token}"
+            pay_url = invoice.pay_url(self.settings.server.public_base_url)
             queued = await effects.tell_customer(tx, invoice, now, copy.stk_failed(invoice, code), kind="payment_failed",
                                                  sms=copy.sms_stk_failed(invoice, code, pay_url))
             after.queued += 1 if queued else 0
@@ -313,7 +313,7 @@ class PaymentActor:
             after.queued += await self._alert(tx, invoice, copy.double_payment(invoice, paid_kes, receipt or "?"), now)
 
     async def _receipts(self, tx: Tx, invoice: Invoice, receipt: str, now: int) -> int:
-        pay_url = f"{self.settings.server.public_base_url}/p/{invoice.pay_token}"
+        pay_url = invoice.pay_url(self.settings.server.public_base_url)
         message = copy.receipt(invoice, receipt)
         queued = 0
         if await effects.tell_customer(tx, invoice, now, message, kind="receipt",
@@ -372,7 +372,7 @@ class PaymentActor:
                     log.info("payment_expired", invoice_id=invoice.id, payment_id=current.payment_id)
                     if invoice.is_open:
                         # Not a silent end: the customer learns the prompt lapsed and can try again.
-                        pay_url = f"{self.settings.server.public_base_url}/p/{invoice.pay_token}"
+                        pay_url = invoice.pay_url(self.settings.server.public_base_url)
                         if await effects.tell_customer(
                                 tx, invoice, now2, copy.stk_failed(invoice, "1019"), kind="payment_failed",
                                 sms=copy.sms_stk_failed(invoice, "1019", pay_url)):

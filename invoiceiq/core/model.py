@@ -93,3 +93,11 @@ class Invoice:
     @property
     def is_open(self) -> bool:
         return self.status in OPEN_INVOICE_STATUSES
+
+    def pay_url(self, public_base_url: str) -> str:
+        """The pay-link page: its token, never the invoice number (which can be guessed)."""
+        return pay_url(public_base_url, self.pay_token)
+
+
+def pay_url(public_base_url: str, pay_token: str) -> str:
+    return f"{public_base_url}/p/{pay_token}"

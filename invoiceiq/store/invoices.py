@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..core.model import Channel, Invoice, InvoiceStatus
+from ..core.model import Channel, Invoice, InvoiceStatus, pay_url
 from . import customers
 from .db import Tx
 from .ids import new_token
@@ -56,7 +56,7 @@ async def create(
         "INSERT INTO invoices (id, customer_name, msisdn, amount_cents, currency, description, status, pay_link)"
         " VALUES (:id, :name, :m, :amt, 'KES', :desc, 'PENDING', :link)",
         {"id": invoice_id, "name": customer_name, "m": msisdn, "amt": amount_cents,
-         "desc": description, "link": f"{pay_base_url}/p/{token}"},
+         "desc": description, "link": pay_url(pay_base_url, token)},
     )
     await tx.execute(
         "INSERT INTO invoice_tracking (invoice_id, pay_token, created_at_ms, source)"

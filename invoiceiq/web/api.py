@@ -32,7 +32,7 @@ def invoice_json(invoice: Invoice, pay_base_url: str) -> dict[str, Any]:
         "currency": "KES",
         "description": invoice.description,
         "status": invoice.status.value,
-        "pay_link": f"{pay_base_url}/p/{invoice.pay_token}",
+        "pay_link": invoice.pay_url(pay_base_url),
         "mpesa_receipt": invoice.mpesa_receipt,
         "channel": invoice.channel.value if invoice.channel else None,
         "delivery_state": invoice.delivery_state,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 from quart import Blueprint, Response, request
 
 from ..core.delivery import window_start_ms
