@@ -263,3 +263,33 @@ async def test_unreachable_database_is_a_store_error() -> None:
     st = Store("postgresql://nobody@127.0.0.1:1/none")
     with pytest.raises(StoreError):
         await st.open()
+
+
+async def test_merchant_notices_keep_order_per_invoice_not_across_invoices(store: Store) -> None:
+    async def queue(tx: Tx) -> list[int | None]:
+        ids = []
+        for invoice, body in (("1001", "confirm 1001"), ("1002", "confirm 1002"), ("1001", "receipt 1001")):
+            ids.append(await outbox.enqueue(tx, recipient="M", channel=Channel.WHATSAPP, kind="notice",
+                                            content={"type": "text", "body": body}, now_ms=NOW,
+                                            order_key=outbox.per_invoice("M", invoice)))
+        return ids
+
+    c1, c2, r1 = await store.write(queue)
+    claimed = await store.write(lambda tx: outbox.claim_due(tx, now_ms=NOW, limit=10, worker="w", lease_ms=1000))
+    # Two invoices' notices go out side by side; 1001's receipt waits for 1001's confirmation.
+    assert [r.id for r in claimed] == [c1, c2]
+    await store.write(lambda tx: outbox.mark_sent(tx, c1, "wamid.c1", NOW))
+    nxt = await store.write(lambda tx: outbox.claim_due(tx, now_ms=NOW, limit=10, worker="w", lease_ms=1000))
+    assert [r.id for r in nxt] == [r1]
+
+
+async def test_next_due_ignores_rows_blocked_behind_a_send(store: Store) -> None:
+    async def queue(tx: Tx) -> None:
+        for body in ("a1", "a2"):
+            await outbox.enqueue(tx, recipient="A", channel=Channel.WHATSAPP, kind="reply",
+                                 content={"type": "text", "body": body}, now_ms=NOW)
+
+    await store.write(queue)
+    await store.write(lambda tx: outbox.claim_due(tx, now_ms=NOW, limit=10, worker="w", lease_ms=5000))
+    # a2 is due but waits for a1: the next wake-up is a1's lease running out, not "now" (a spin).
+    assert await store.read(lambda tx: outbox.next_due_ms(tx, NOW)) == NOW + 5001

@@ -43,11 +43,12 @@ async def create_invoice(
 
 
 async def reply(tx: Tx, to: str, now_ms: int, message: copy.Reply, *, kind: str = "reply",
-                invoice_id: str | None = None, dedupe_key: str | None = None, sms: str | None = None) -> int | None:
+                invoice_id: str | None = None, dedupe_key: str | None = None, sms: str | None = None,
+                order_key: str | None = None) -> int | None:
     """Queue a WhatsApp text or reply-button message to ``to`` (``sms``: its SMS fallback)."""
     return await outbox.enqueue(tx, recipient=to, channel=Channel.WHATSAPP, kind=kind,
                                 content=delivery.reply_content(message, sms), now_ms=now_ms,
-                                invoice_id=invoice_id, dedupe_key=dedupe_key)
+                                invoice_id=invoice_id, dedupe_key=dedupe_key, order_key=order_key)
 
 
 async def tell_customer(tx: Tx, invoice: Invoice, now_ms: int, message: copy.Reply, *, kind: str,
@@ -64,7 +65,8 @@ async def tell_merchant(tx: Tx, settings: Settings, now_ms: int, message: copy.R
                         invoice_id: str | None = None, dedupe_key: str | None = None,
                         kind: str = "notice") -> int | None:
     """Queue a WhatsApp message to the merchant (nothing when no merchant number is set)."""
-    if not settings.merchant.msisdn:
+    merchant = settings.merchant.msisdn
+    if not merchant:
         return None
-    return await reply(tx, settings.merchant.msisdn, now_ms, message, kind=kind, invoice_id=invoice_id,
-                       dedupe_key=dedupe_key)
+    return await reply(tx, merchant, now_ms, message, kind=kind, invoice_id=invoice_id, dedupe_key=dedupe_key,
+                       order_key=outbox.per_invoice(merchant, invoice_id))

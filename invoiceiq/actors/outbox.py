@@ -26,6 +26,7 @@ from ..core.model import Channel, Direction, Invoice, InvoiceStatus
 from ..gateways.http import AuthError, GatewayError, TransientError
 from ..observability import Metrics, get_logger
 from ..store import Store, Tx, customers, inbox, invoices, messages, outbox
+from ..store.inbox import InboxEvent
 from ..store.outbox import OutboxRow
 from . import effects
 from .runtime import Pressure, Waker
@@ -117,7 +118,7 @@ class Outbox:
             again = await outbox.enqueue(
                 tx, recipient=row.recipient, channel=Channel.WHATSAPP, kind=row.kind,
                 content=dict(row.content, template_only=True), now_ms=now, invoice_id=row.invoice_id,
-                dedupe_key=f"template:{row.id}", fallback_of=row.fallback_of)
+                dedupe_key=f"template:{row.id}", fallback_of=row.fallback_of, order_key=row.order_key)
             if again is not None:
                 after.queued += 1
                 log.info("retry_as_template", outbox_id=row.id, invoice_id=row.invoice_id)
@@ -126,7 +127,8 @@ class Outbox:
             content = dict(row.content, fallback_reason=delivery.fallback_reason(code))
             new_id = await outbox.enqueue(
                 tx, recipient=row.recipient, channel=Channel.SMS, kind=row.kind, content=content,
-                now_ms=now, invoice_id=row.invoice_id, dedupe_key=f"fallback:{row.id}", fallback_of=row.id)
+                now_ms=now, invoice_id=row.invoice_id, dedupe_key=f"fallback:{row.id}", fallback_of=row.id,
+                order_key=row.order_key)
             if new_id is not None:
                 await messages.log_message(
                     tx, channel=Channel.WHATSAPP, direction=Direction.OUT, event="fallback",
@@ -217,7 +219,7 @@ class OutboxActor:
                     continue
                 deadline = now + POLL_MS
                 if free > 0:
-                    next_due = await self.store.read(lambda tx: outbox.next_due_ms(tx, channels))
+                    next_due = await self.store.read(lambda tx: outbox.next_due_ms(tx, now, channels))
                     if next_due is not None:
                         deadline = min(deadline, max(next_due, now + 1))
                 for until in self._paused_until.values():
@@ -351,61 +353,78 @@ class OutboxActor:
 
 
 class DeliveryTracker:
-    """Applies provider statuses to outbox rows, keyed by the provider's message id."""
+    """Applies provider statuses (WhatsApp sent/delivered/read/failed, SMS delivery reports)
+    to outbox rows, found by the provider's message id.
+
+    Statuses are most of the traffic (each message earns two or three), so they are applied
+    in groups: one transaction for every status waiting, whichever kick arrived."""
+
+    BATCH = 500
 
     def __init__(self, core: Outbox, wake_outbox: Any) -> None:
         self.core = core
         self.wake_outbox = wake_outbox
 
-    async def handle(self, key: str, _message: Any) -> None:
+    async def handle(self, _key: str, _message: Any) -> None:
         # A status can overtake the send's own commit (the provider answers the send and
-        # posts "sent" at once): give the row a moment to appear before leaving it to the sweep.
+        # posts "sent" at once): give such a row a moment to appear, then leave it to the sweep.
         for _ in range(20):
             after = _After()
-            found = await self.core.store.write(lambda tx: self._apply(tx, key, after))
+            more, waiting = await self.core.store.write(lambda tx: self._apply(tx, after))
             self.core.observe(after)
             if after.queued:
                 self.wake_outbox()
-            if found:
+            if more:
+                continue
+            if not waiting:
                 return
             await anyio.sleep(0.1)
 
-    async def _apply(self, tx: Tx, provider_id: str, after: _After) -> bool:
+    async def _apply(self, tx: Tx, after: _After) -> tuple[bool, int]:
+        """Apply what can be; (more waiting beyond this batch, statuses whose row is not there yet)."""
         after.queued = 0
         after.events.clear()
-        events = await inbox.pending(tx, "delivery", provider_id)
-        if not events:
-            return True
+        events = await inbox.pending_for_actor(tx, "delivery", limit=self.BATCH)
         now = self.core.clock.now_ms()
-        row = await outbox.by_provider_id(tx, provider_id)
-        if row is None:
-            if now - events[0].received_at_ms < UNKNOWN_STATUS_GIVE_UP_MS:
-                return False
-            for event in events:
-                await inbox.mark_processed(tx, event.seq, now)
-            log.warning("status_for_unknown_message", count=len(events))
-            return True
+        by_message: dict[str, list[InboxEvent]] = {}
         for event in events:
-            if not await inbox.mark_processed(tx, event.seq, now):
+            by_message.setdefault(event.actor_key, []).append(event)
+        waiting = 0
+        for provider_id, group in by_message.items():
+            row = await outbox.by_provider_id(tx, provider_id)
+            if row is None:
+                if now - group[0].received_at_ms < UNKNOWN_STATUS_GIVE_UP_MS:
+                    waiting += len(group)
+                    continue
+                for event in group:
+                    await inbox.mark_processed(tx, event.seq, now)
+                log.warning("status_for_unknown_message", count=len(group))
                 continue
-            status = str(event.payload.get("status") or "")
-            mapped = (delivery.SMS_STATUS if row.channel is Channel.SMS else delivery.WHATSAPP_STATUS).get(status)
-            code = event.payload.get("code")
-            await messages.log_message(
-                tx, channel=row.channel, direction=Direction.OUT, event=status.lower() or "status",
-                invoice_id=row.invoice_id,
-                payload={"outbox_id": row.id, "provider_message_id": provider_id, "status": status,
-                         "code": code, "reason": event.payload.get("reason")})
-            if mapped is None:
-                continue
-            if mapped == "FAILED":
-                reason = f"{code}: {event.payload.get('reason') or 'failed'}"
-                await self.core.failed(tx, row, reason, None if code is None else str(code), after)
-                continue
-            moved = await outbox.advance_status(tx, provider_id, mapped, now)
-            if moved is None:
-                continue
-            after.events.append((row.channel.value, "OUT", mapped.lower()))
-            if row.invoice_id is not None and row.kind in ("invoice", "reminder"):
-                await invoices.set_delivery(tx, row.invoice_id, row.channel, mapped.lower())
-        return True
+            for event in group:
+                if await inbox.mark_processed(tx, event.seq, now):
+                    row = await self._status(tx, row, provider_id, event, now, after)
+        return len(events) == self.BATCH and waiting < len(events), waiting
+
+    async def _status(self, tx: Tx, row: OutboxRow, provider_id: str, event: InboxEvent, now: int,
+                      after: _After) -> OutboxRow:
+        status = str(event.payload.get("status") or "")
+        mapped = (delivery.SMS_STATUS if row.channel is Channel.SMS else delivery.WHATSAPP_STATUS).get(status)
+        code = event.payload.get("code")
+        await messages.log_message(
+            tx, channel=row.channel, direction=Direction.OUT, event=status.lower() or "status",
+            invoice_id=row.invoice_id,
+            payload={"outbox_id": row.id, "provider_message_id": provider_id, "status": status,
+                     "code": code, "reason": event.payload.get("reason")})
+        if mapped is None:
+            return row
+        if mapped == "FAILED":
+            reason = f"{code}: {event.payload.get('reason') or 'failed'}"
+            await self.core.failed(tx, row, reason, None if code is None else str(code), after)
+            return row
+        moved = await outbox.advance_status(tx, provider_id, mapped, now)
+        if moved is None:
+            return row
+        after.events.append((row.channel.value, "OUT", mapped.lower()))
+        if row.invoice_id is not None and row.kind in ("invoice", "reminder"):
+            await invoices.set_delivery(tx, row.invoice_id, row.channel, mapped.lower())
+        return moved

@@ -63,6 +63,14 @@ async def pending(tx: Tx, actor: str, actor_key: str, limit: int = 100) -> list[
     return [_event(r) for r in rows]
 
 
+async def pending_for_actor(tx: Tx, actor: str, limit: int = 500) -> list[InboxEvent]:
+    """Every waiting event of an actor that works in groups (delivery statuses), oldest first."""
+    rows = await tx.all(
+        "SELECT * FROM inbox WHERE actor = :actor AND processed_at_ms IS NULL ORDER BY seq LIMIT :lim",
+        {"actor": actor, "lim": limit})
+    return [_event(r) for r in rows]
+
+
 async def mark_processed(tx: Tx, seq: int, now_ms: int) -> bool:
     """True for the one caller that processes the event; False if another already did."""
     row = await tx.one(

@@ -99,5 +99,5 @@ async def status() -> Response:
         log.error("webhook_not_stored", provider="africastalking")
         return error(503, "storage unavailable, retry later")
     if fresh:
-        svc.dispatch.kick("delivery", report.id)
+        svc.dispatch.kick("delivery", "statuses")
     return json_response({"status": "ok"})

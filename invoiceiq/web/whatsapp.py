@@ -75,8 +75,8 @@ async def receive() -> Response:
         svc.metrics.messages.labels("WHATSAPP", "IN", event).inc()
     for key in sessions:
         svc.dispatch.kick("session", key)
-    for key in statuses:
-        svc.dispatch.kick("delivery", key)
+    if statuses:
+        svc.dispatch.kick("delivery", "statuses")  # applied in groups, whichever message
     return json_response({"status": "ok"})
 
 

@@ -128,6 +128,9 @@ CREATE INDEX conversations_due ON conversations (due_at_ms) WHERE due_at_ms IS N
 CREATE TABLE outbox (
   id {{SERIAL}},
   recipient TEXT NOT NULL,
+  -- Rows with one order_key go out one after the other, oldest first: by default the key is
+  -- the recipient; the merchant's notices are keyed per invoice (see store/outbox.py).
+  order_key TEXT NOT NULL,
   channel TEXT NOT NULL CHECK (channel IN ('WHATSAPP','SMS')),
   kind TEXT NOT NULL,
   invoice_id TEXT REFERENCES invoices(id),
@@ -147,7 +150,7 @@ CREATE TABLE outbox (
   updated_at_ms BIGINT NOT NULL
 );
 CREATE INDEX outbox_due ON outbox (next_attempt_at_ms) WHERE status IN ('PENDING','SENDING');
-CREATE INDEX outbox_recipient ON outbox (recipient, id) WHERE status IN ('PENDING','SENDING');
+CREATE INDEX outbox_order ON outbox (order_key, id) WHERE status IN ('PENDING','SENDING');
 CREATE UNIQUE INDEX outbox_provider_id ON outbox (provider_message_id) WHERE provider_message_id IS NOT NULL;
 CREATE INDEX outbox_invoice ON outbox (invoice_id);
 
