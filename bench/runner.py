@@ -6,13 +6,19 @@ median req/s, p50 and p99 each taken independently (as notes/stack.md section 7)
 pinned to the first CPU, wrk and the fake providers to the second. Writes
 ``bench/results/latest.json``.
 
-Quick mode (``make bench-quick``, used by the test suite): one 2 s run of each at 16
-connections, no warm-up; wrk if installed, else the small Python generator. Writes
-``bench/results/quick.json`` (not tracked by git). Timings are never asserted anywhere.
+End to end and state at scale (``bench/scenarios.py``, ``bench/e2e.py``): complete flows
+against the sandbox simulators (on the load core, 200 ms per provider call) and the daemon in
+live mode (on the server core); 1,000 flows 64 at a time after 6 one at a time; then the same
+on a database seeded with 100,000 conversations and 100,000 invoices (RSS, one flow's latency).
+
+Quick mode (``make bench-quick``, used by the test suite): one 2 s run of each ingest scenario
+at 16 connections, no warm-up; wrk if installed, else the small Python generator; 2 + 4 flows
+and a 3,000-row seed. Writes ``bench/results/quick.json`` (not tracked by git).
+Timings are never asserted anywhere.
 
 Exit status: 0 when everything ran and the durability checks passed, 1 when a durability
-check failed (a webhook answered 200 but not stored, or a duplicate), 2 when a scenario could
-not run at all.
+check failed (a webhook answered 200 but not stored, a flow lost or a message duplicated), 2
+when a scenario could not run at all.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from . import durability, scenarios, servers, wrk
 from .servers import Pinning, Proc, Processes
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ALL_SCENARIOS = ("reference", "ingest_customer_text", "ingest_merchant_invoice", "end_to_end", "state_at_scale")
 PACKAGES = ("invoiceiq", "quart", "hypercorn", "werkzeug", "flask", "orjson", "anyio", "httpx", "h11",
             "databases", "sqlalchemy", "aiosqlite", "prometheus-client", "py-spy")
 TARGETS = {"ingest_customer_ratio_min": 0.80, "ingest_p99_ms_max": 50.0}
@@ -280,6 +287,63 @@ class Bench:
         return {"checked": True, "ok": not problems, "problems": problems, "sent_at_sink": sent_at_sink}
 
 
+    # -- end to end and state at scale -------------------------------------------------------
+
+    def e2e_plans(self) -> tuple[scenarios.EndToEndPlan, scenarios.StateAtScalePlan]:
+        a = self.args
+        e2e_plan = scenarios.EndToEndPlan(
+            flows=a.e2e_flows, provider_latency_ms=a.e2e_latency_ms, concurrency=a.e2e_concurrency,
+            callback_delay_ms=a.e2e_callback_delay_ms, status_delay_ms=a.e2e_status_delay_ms,
+            sim_deliveries=a.e2e_sim_deliveries,
+            single_flows=a.e2e_single, budget_s=a.e2e_budget,
+            flow_timeout_s=60.0 if self.quick else 300.0, settle_timeout_s=20.0 if self.quick else 120.0)
+        scale_plan = scenarios.StateAtScalePlan(
+            conversations=a.scale_rows, invoices=a.scale_rows, outbox_history=a.scale_history == "on",
+            flows_after_start=a.scale_flows,
+            concurrency=a.e2e_concurrency, single_flows=a.e2e_single, budget_s=a.e2e_budget)
+        return e2e_plan, scale_plan
+
+    def flows(self, wanted: list[str], report: dict[str, Any], status: int) -> int:
+        """The end-to-end and state-at-scale scenarios; returns the updated exit status."""
+        e2e_plan, scale_plan = self.e2e_plans()
+        ctx = scenarios.Context(self.procs, self.pin, self.workdir, self.profile_dir, self.args.profile_format)
+        prep = None
+        both = "end_to_end" in wanted and "state_at_scale" in wanted
+        if self.quick and both:
+            # Quick mode: the seeded stack starts up while the end-to-end flows run (its figures
+            # are not meant to be clean; the full mode runs everything one after the other).
+            try:
+                prep = scenarios.prepare_state_at_scale(scale_plan, e2e_plan, ctx, spawn=True)
+            except Exception as exc:  # noqa: BLE001
+                report["scenarios"]["state_at_scale"] = {"error": f"{type(exc).__name__}: {exc}"}
+                status = 2
+                wanted = [w for w in wanted if w != "state_at_scale"]
+        baseline = None
+        for name in ("end_to_end", "state_at_scale"):
+            if name not in wanted:
+                continue
+            if name == "end_to_end":
+                print(f"end_to_end: {e2e_plan.single_flows} + {e2e_plan.flows} flows, {e2e_plan.concurrency} at a "
+                      f"time, {e2e_plan.provider_latency_ms} ms provider latency ...", file=sys.stderr, flush=True)
+            else:
+                print(f"state_at_scale: {scale_plan.conversations:,} conversations + {scale_plan.invoices:,} "
+                      f"invoices, {scale_plan.flows_after_start} flows ...", file=sys.stderr, flush=True)
+            try:
+                if name == "end_to_end":
+                    result = scenarios.end_to_end(e2e_plan, ctx)
+                    baseline = result
+                else:
+                    result = scenarios.state_at_scale(scale_plan, e2e_plan, ctx, baseline=baseline, prep=prep)
+            except Exception as exc:  # noqa: BLE001
+                report["scenarios"][name] = {"error": f"{type(exc).__name__}: {exc}"}
+                status = 2
+                continue
+            report["scenarios"][name] = result
+            if not result["checks"]["ok"] and status == 0:
+                status = 1
+        return status
+
+
 # -- report --------------------------------------------------------------------------------------
 
 
@@ -325,6 +389,53 @@ def _fmt(v: float | None, digits: int = 1) -> str:
     return "-" if v is None else f"{v:,.{digits}f}"
 
 
+def _cpu_note(run: dict[str, Any]) -> str:
+    cpu = run.get("cpu") or {}
+    if "server_cpu_pct" not in cpu:
+        return ""
+    parts = [f"daemon CPU {cpu['server_cpu_pct']:.0f}%"]
+    if "other_on_server_cpu_pct" in cpu:
+        parts.append(f"others on its core {cpu['other_on_server_cpu_pct']:.0f}%")
+    if "sim_cpu_pct" in cpu:
+        parts.append(f"simulators {cpu['sim_cpu_pct']:.0f}% + driver {cpu.get('driver_cpu_pct', 0):.0f}%"
+                     f" + others {cpu.get('other_on_load_cpu_pct', 0):.0f}% on the load core")
+    return "; " + ", ".join(parts)
+
+
+def _flow_lines(report: dict[str, Any]) -> list[str]:
+    """One line each for end_to_end and state_at_scale."""
+    lines = []
+    e = report["scenarios"].get("end_to_end") or {}
+    if "run" in e:
+        run, plan, ch = e["run"], e["plan"], e["checks"]
+        lat = run.get("latency_ms") or {}
+        db = ch["in_database"]
+        sims = ch["at_simulators"]
+        lines.append(
+            f"end_to_end: {run['completed']:,}/{run['flows']:,} flows ({run.get('not_started', 0)} not started), "
+            f"{plan['concurrency']} at a time, {plan['provider_latency_ms']} ms per provider call: "
+            f"{_fmt(run.get('flows_per_minute'))} flows/min (target {plan['target_flows_per_minute']:,}), "
+            f"p50 {_fmt(lat.get('p50'), 0)} ms, p99 {_fmt(lat.get('p99'), 0)} ms (target < "
+            f"{e['targets']['p99_ms_max']:,} ms); one flow alone {_fmt(e['single'].get('latency_ms_median'), 0)} ms; "
+            f"checks {'ok' if ch['ok'] else 'FAILED'} ({db['invoices_by_status'].get('PAID', 0):,} PAID, "
+            f"{sims['stk_pushes_accepted']:,} STK pushes, {sims['receipts']['total']:,} receipts, "
+            f"{sims['identical_sends_repeated']} duplicates)" + _cpu_note(run))
+    s = report["scenarios"].get("state_at_scale") or {}
+    if "one_flow" in s:
+        rss, one = s["daemon_rss"], s["one_flow"]
+        empty_rss = (rss.get("empty_db_after_start") or {}).get("rss_mb")
+        run = s["run"]
+        lines.append(
+            f"state_at_scale: {s['seed']['conversations']:,} conversations + {s['seed']['invoices']:,} invoices: "
+            f"RSS {_fmt(rss['after_start'].get('rss_mb'))} MB after start (empty DB {_fmt(empty_rss)} MB), "
+            f"{_fmt(rss['after_flows'].get('rss_mb'))} MB after {run['completed']:,} flows "
+            f"({_fmt(run.get('flows_per_minute'))}/min), peak {_fmt(rss['peak_mb'])} MB (target < "
+            f"{s['targets']['rss_mb_max']:g}); one flow {_fmt(one['seeded_median_ms'], 0)} ms vs "
+            f"{_fmt(one['empty_median_ms'], 0)} ms empty (x{_fmt(one['ratio'], 2)}); checks "
+            f"{'ok' if s['checks']['ok'] else 'FAILED'}" + _cpu_note(run))
+    return lines
+
+
 def table(report: dict[str, Any]) -> str:
     rows = [("scenario", "req/s", "runs req/s", "p50 ms", "p99 ms", "ratio", "srv CPU", "req/CPU-s", "ratio/CPU",
              "stored / 200s")]
@@ -351,8 +462,10 @@ def table(report: dict[str, Any]) -> str:
     head = (f"InvoiceIQ bench ({report['mode']}): generator {report['versions']['generator']}, "
             f"{s['connections']} connections, {s['runs']} x {s['duration_s']:g}s{warm}, "
             f"{report['machine']['cpu_count']} CPUs, pinning {pins}")
-    tail = []
+    tail = _flow_lines(report)
     for name, sc in report["scenarios"].items():
+        for p in (sc.get("checks") or {}).get("problems", []):
+            tail.append(f"{name}: {p}")
         if sc.get("status") == "not_implemented":
             tail.append(f"{name}: not implemented yet ({sc['reason']})")
         elif sc.get("error"):
@@ -367,6 +480,9 @@ def table(report: dict[str, Any]) -> str:
     noisy = [(name, r["label"], r["cpu"]["other_on_server_cpu_pct"])
              for name, sc in report["scenarios"].items() for r in sc.get("runs", [])
              if (r.get("cpu") or {}).get("other_on_server_cpu_pct", 0) > 10]
+    noisy += [(name, "flows", sc["run"]["cpu"]["other_on_server_cpu_pct"])
+              for name, sc in report["scenarios"].items()
+              if ((sc.get("run") or {}).get("cpu") or {}).get("other_on_server_cpu_pct", 0) > 10]
     if noisy:
         tail.append("warning: other processes took part of the server's CPU during "
                     + ", ".join(f"{n}/{label} ({pct:.0f}%)" for n, label, pct in noisy)
@@ -387,8 +503,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, help="seconds of warm-up, discarded (3; quick 0)")
     p.add_argument("--runs", type=int, help="measured runs per scenario (3; quick 1)")
     p.add_argument("--connections", type=int, help="concurrent connections (64; quick 16)")
-    p.add_argument("--scenarios", default="reference,ingest_customer_text,ingest_merchant_invoice",
-                   help="comma-separated subset; the reference always runs")
+    p.add_argument("--scenarios", default=",".join(ALL_SCENARIOS),
+                   help="comma-separated subset; the reference runs whenever an ingest scenario does")
+    p.add_argument("--e2e-flows", type=int, help="end_to_end: flows run concurrently (1000; quick 4)")
+    p.add_argument("--e2e-concurrency", type=int, help="end_to_end/state_at_scale: flows at a time (64; quick 4)")
+    p.add_argument("--e2e-single", type=int, help="flows run one at a time first, the first a warm-up (6; quick 2)")
+    p.add_argument("--e2e-latency-ms", type=int, default=200, help="added to every provider API answer (200)")
+    p.add_argument("--e2e-callback-delay-ms", type=int, help="STK callback delay after the PIN (= latency)")
+    p.add_argument("--e2e-status-delay-ms", type=int, default=50, help="status webhooks after a send (50)")
+    p.add_argument("--e2e-sim-deliveries", type=int, default=64,
+                   help="webhooks/callbacks the simulators post at once (64)")
+    p.add_argument("--e2e-budget", type=float, help="seconds after which no new flow starts (900; quick 30)")
+    p.add_argument("--scale-rows", type=int, help="state_at_scale: conversations and invoices seeded (100000; quick 3000)")
+    p.add_argument("--scale-history", choices=("on", "off"), default="on",
+                   help="state_at_scale: also seed the finished outbox rows the invoices left (on)")
+    p.add_argument("--scale-flows", type=int, help="state_at_scale: flows before the second RSS (1000; quick 2)")
     p.add_argument("--settle-timeout", type=float, help="seconds to wait for the actors' backlog (180; quick 3)")
     p.add_argument("--output", help="JSON path (bench/results/latest.json; quick: quick.json)")
     p.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
@@ -396,8 +525,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile-format", choices=("raw", "flamegraph", "speedscope"), default="raw")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (bodies, databases, logs)")
     a = p.parse_args(argv)
-    full = {"duration": 10.0, "warmup": 3.0, "runs": 3, "connections": 64, "settle_timeout": 180.0}
-    quick = {"duration": 2.0, "warmup": 0.0, "runs": 1, "connections": 16, "settle_timeout": 3.0}
+    full = {"duration": 10.0, "warmup": 3.0, "runs": 3, "connections": 64, "settle_timeout": 180.0,
+            "e2e_flows": 1000, "e2e_concurrency": 64, "e2e_single": 6, "e2e_budget": 900.0,
+            "scale_rows": 100_000, "scale_flows": 1000}
+    quick = {"duration": 2.0, "warmup": 0.0, "runs": 1, "connections": 16, "settle_timeout": 3.0,
+             "e2e_flows": 4, "e2e_concurrency": 4, "e2e_single": 2, "e2e_budget": 30.0,
+             "scale_rows": 3000, "scale_flows": 2}
     for key, value in (quick if a.quick else full).items():
         if getattr(a, key) is None:
             setattr(a, key, value)
@@ -431,20 +564,21 @@ def main(argv: list[str] | None = None) -> int:
         "scenarios": {}, "ratios": {}, "ratios_per_server_cpu": {},
     }
     status = 0
+    ingest_wanted = [sc for sc in scenarios.INGEST if sc.name in wanted]
     try:
-        print(f"reference: {args.runs} x {args.duration:g}s ...", file=sys.stderr, flush=True)
-        try:
-            ref = bench.reference()
-        except Exception as exc:  # noqa: BLE001 - report it and stop: nothing to compare with
-            report["scenarios"]["reference"] = {"error": f"{type(exc).__name__}: {exc}"}
-            status = 2
-            ref = None
+        ref = None
+        if ingest_wanted or "reference" in wanted:
+            print(f"reference: {args.runs} x {args.duration:g}s ...", file=sys.stderr, flush=True)
+            try:
+                ref = bench.reference()
+            except Exception as exc:  # noqa: BLE001 - report it and stop: nothing to compare with
+                report["scenarios"]["reference"] = {"error": f"{type(exc).__name__}: {exc}"}
+                status = 2
+                ref = None
         if ref is not None:
             report["scenarios"]["reference"] = ref
             ref_max = max(r["rps"] for r in ref["runs"])
-            for sc in scenarios.INGEST:
-                if sc.name not in wanted:
-                    continue
+            for sc in ingest_wanted:
                 print(f"{sc.name}: {args.runs} x {args.duration:g}s ...", file=sys.stderr, flush=True)
                 try:
                     result = bench.ingest(sc, ref_max)
@@ -460,8 +594,7 @@ def main(argv: list[str] | None = None) -> int:
                         result["median"]["rps_per_server_cpu_s"] / ref["median"]["rps_per_server_cpu_s"], 3)
                 if not result["durability"]["ok"] and status == 0:
                     status = 1
-        report["scenarios"]["end_to_end"] = scenarios.end_to_end()
-        report["scenarios"]["state_at_scale"] = scenarios.state_at_scale()
+        status = bench.flows(wanted, report, status)
     finally:
         bench.procs.stop_all()
         if args.keep:
@@ -479,7 +612,13 @@ def main(argv: list[str] | None = None) -> int:
     if cust.get("durability"):
         met["no_webhook_lost_or_duplicated"] = all(
             report["scenarios"][n]["durability"]["ok"] for n in report["ratios"])
-    report["targets"] = {**TARGETS, "met": met}
+    targets: dict[str, Any] = dict(TARGETS)
+    for name in ("end_to_end", "state_at_scale"):
+        sc_targets = (report["scenarios"].get(name) or {}).get("targets")
+        if sc_targets:
+            targets.update({f"{name}_{k}": v for k, v in sc_targets.items() if k != "met"})
+            met.update({f"{name}_{k}": v for k, v in sc_targets["met"].items()})
+    report["targets"] = {**targets, "met": met}
     report["finished_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     report["elapsed_s"] = round(time.time() - started, 1)
     report["exit_status"] = status

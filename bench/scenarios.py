@@ -1,15 +1,24 @@
 """The scenarios of issue 8.
 
-Ingest (point 2) is implemented: :data:`INGEST` lists the two body kinds posted to the real
-daemon. End to end (point 3) and state at scale (point 4) are hooks: their parameters, what
-they will measure, and the steps, with :func:`end_to_end` / :func:`state_at_scale` returning
-a ``not_implemented`` record (never a number) until the pieces they need exist.
+* Ingest (point 2): :data:`INGEST` lists the two body kinds posted to the real daemon (run by
+  :meth:`bench.runner.Bench.ingest`).
+* End to end (point 3): :func:`end_to_end` runs complete flows (merchant one-line -> invoice
+  template -> customer message -> Pay tap -> STK Push -> callback -> both receipts) against the
+  sandbox simulators with provider latency, then counts what happened at the simulators and
+  in the database (:mod:`bench.e2e`).
+* State at scale (point 4): :func:`state_at_scale` seeds 100,000 conversations and invoices,
+  starts the daemon on them, and measures its memory and one flow's latency against the empty
+  database of :func:`end_to_end`.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
+
+from . import e2e, servers
+from .servers import Pinning, Processes
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +52,8 @@ INGEST: tuple[IngestScenario, ...] = (
 )
 
 
-# -- hooks: end to end and state at scale (issue 8, points 3 and 4) ---------------------------
+
+# -- end to end and state at scale (issue 8, points 3 and 4) ---------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,27 +63,32 @@ class EndToEndPlan:
     flows: int = 1000
     provider_latency_ms: int = 200
     concurrency: int = 64
-    measures: tuple[str, ...] = ("flows_per_minute", "p50_ms merchant message -> last receipt",
-                                 "p99_ms merchant message -> last receipt", "lost/duplicated at the fakes")
-    targets: dict[str, Any] = field(default_factory=lambda: {
-        "flows_per_minute_min": 3000, "p99_ms_max": "2000 + the providers' own latency"})
-    needs: tuple[str, ...] = (
-        "the sandbox simulators (invoiceiq/sandbox: graph, daraja, africastalking) runnable as a separate "
-        "process on the load core, with latency_ms and a way to read what they received",
-        "the payments flow (Pay tap -> STK Push -> callback -> receipts), still being built",
-    )
-    # TODO(issue 8, point 3), once the simulators and the payments flow are in:
-    #  1. start the simulators on the load core (Pinning.load) with latency_ms=provider_latency_ms,
-    #     and the daemon on the server core with every provider API base pointed at them;
-    #  2. drive N flows with an async client on the load core, at most `concurrency` at a time:
-    #     post the merchant's signed `invoice 07.. <amount> <desc>` (bench.bodies), wait at the
-    #     simulated Graph API for the invoice to reach the customer, post the customer's signed
-    #     Pay button tap, wait for the STK Push at the simulated Daraja, let it post the signed
-    #     callback, wait for both receipts (customer and merchant) at the simulated Graph API;
-    #  3. per flow, the time from the merchant's post to the last receipt seen; report flows/min
-    #     over the whole run and p50/p99 of those times;
-    #  4. afterwards count, in the database and at the simulators: N invoices PAID, N payments
-    #     SUCCESS, exactly one STK push and two receipts per flow, no message sent twice.
+    # The STK callback leaves simulated Daraja this long after the PIN: None = provider_latency_ms.
+    callback_delay_ms: int | None = None
+    # Status webhooks (sent, delivered) follow a send after 1x / 2x this. The simulators deliver
+    # everything for one phone in order, so an inbound message waits behind them: kept short.
+    status_delay_ms: int = 50
+    # Webhooks/callbacks the simulators post at once (different phones; one phone's go in order).
+    sim_deliveries: int = 64
+    # Flows run one at a time first (the first is a warm-up): an unloaded flow's latency.
+    single_flows: int = 6
+    # No new flow starts after this many seconds (the report says how many never started).
+    budget_s: float = 900.0
+    flow_timeout_s: float = 300.0
+    settle_timeout_s: float = 120.0
+    target_flows_per_minute: int = 3000
+    target_p99_ms_over_providers: int = 2000
+
+    @property
+    def callback_ms(self) -> int:
+        return self.provider_latency_ms if self.callback_delay_ms is None else self.callback_delay_ms
+
+    @property
+    def providers_on_path_ms(self) -> int:
+        """The providers' own latency on a flow's critical path: the template send, the STK
+        Push, the callback's delay and the last receipt's send (the token is cached; the other
+        sends of a flow overlap these)."""
+        return 3 * self.provider_latency_ms + self.callback_ms
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,32 +97,216 @@ class StateAtScalePlan:
 
     conversations: int = 100_000
     invoices: int = 100_000
+    # Also the (finished) outbox rows those invoices left: ~3.9 per invoice (bench.e2e.seed).
+    outbox_history: bool = True
     flows_after_start: int = 1000
-    measures: tuple[str, ...] = ("rss_mb after start", "rss_mb after flows_after_start flows",
-                                 "one flow's latency: seeded vs empty database")
-    targets: dict[str, Any] = field(default_factory=lambda: {"rss_mb_max": 150, "flow_latency": "no slower than empty"})
-    # TODO(issue 8, point 4), after the end-to-end flow exists:
-    #  1. seed a fresh database before the daemon starts: run `invoiceiq migrate`, then insert the
-    #     conversations/customers/invoices (+ invoice_tracking) rows in bulk with executemany in
-    #     one transaction (stdlib sqlite3; the rows must look like real ones: states as the
-    #     conversation core writes them, PENDING/SENT/PAID invoices);
-    #  2. start the daemon; RSS via bench.servers.rss_kb(pid) once /readyz answers;
-    #  3. run EndToEndPlan(flows=flows_after_start) against it; RSS again (VmRSS and VmHWM);
-    #  4. the latency of one flow, alone, on the seeded database and on an empty one (median of a
-    #     few), both on the same cores.
-    # bench.servers.rss_kb already works: the ingest scenarios record the daemon's RSS after start
-    # and after their runs.
+    concurrency: int = 64
+    single_flows: int = 6
+    budget_s: float = 900.0
+    target_rss_mb: float = 150.0
+    # "No slower": the seeded median within this factor of the empty one (run-to-run noise).
+    slower_tolerance: float = 1.10
 
 
-def end_to_end(plan: EndToEndPlan | None = None) -> dict[str, Any]:
-    plan = plan or EndToEndPlan()
-    return {"status": "not_implemented",
-            "reason": "needs the sandbox simulators and the payments flow (other engineers are building them)",
-            "plan": asdict(plan)}
+@dataclass
+class Context:
+    procs: Processes
+    pin: Pinning
+    workdir: Path
+    profile_dir: Path | None = None
+    profile_format: str = "raw"
 
 
-def state_at_scale(plan: StateAtScalePlan | None = None) -> dict[str, Any]:
-    plan = plan or StateAtScalePlan()
-    return {"status": "not_implemented",
-            "reason": "needs the end-to-end flow (point 3) to drive flows on a seeded database",
-            "plan": asdict(plan)}
+# Customers: 2547 30000000 + index. Each stack gets its own range.
+E2E_FIRST = 0
+SCALE_FIRST = 500_000
+BASELINE_FIRST = 900_000
+
+
+def _sim(plan: EndToEndPlan) -> e2e.SimSettings:
+    return e2e.SimSettings(latency_ms=plan.provider_latency_ms, callback_delay_ms=plan.callback_delay_ms,
+                           status_delay_ms=plan.status_delay_ms, delivery_concurrency=plan.sim_deliveries)
+
+
+class _Around:
+    """Called around the concurrent part of a drive: RSS, CPU, and py-spy if asked."""
+
+    def __init__(self, ctx: Context, stack: e2e.Stack, name: str) -> None:
+        self.ctx, self.stack, self.name = ctx, stack, name
+        self.out: dict[str, Any] = {}
+        self._cpu: e2e.CpuWatch | None = None
+        self._spies: dict[str, e2e.Spy] = {}
+
+    def before(self) -> None:
+        self.out["rss_before"] = e2e.rss(self.stack.daemon)
+        self._cpu = e2e.CpuWatch(self.stack.daemon.pid, self.stack.sim.pid, self.ctx.pin)
+        if self.ctx.profile_dir is not None:
+            ext = {"raw": "txt", "flamegraph": "svg", "speedscope": "json"}[self.ctx.profile_format]
+            for who, proc in (("daemon", self.stack.daemon), ("sim", self.stack.sim)):
+                self._spies[who] = e2e.Spy(proc.pid, self.ctx.profile_dir / f"{self.name}-{who}.{ext}",
+                                           self.ctx.profile_format, self.ctx.pin)
+
+    def after(self) -> None:
+        if self._cpu is not None:
+            self.out["cpu"] = self._cpu.finish()
+        self.out["rss_after"] = e2e.rss(self.stack.daemon)
+        if self._spies:
+            self.out["profiles"] = {who: spy.stop() for who, spy in self._spies.items()}
+
+
+def _finish(stack: e2e.Stack, flows: list[e2e.FlowResult], settle_timeout_s: float,
+            outbox_after_id: int = 0) -> dict[str, Any]:
+    settled = e2e.settle(stack, settle_timeout_s)
+    try:
+        metrics_text = servers.get_text(f"{stack.base}/metrics")
+    except OSError:
+        metrics_text = None
+    checks = e2e.check_flows(stack, flows, settled, metrics_text, outbox_after_id)
+    checks["settle"] = settled
+    return checks
+
+
+def end_to_end(plan: EndToEndPlan, ctx: Context) -> dict[str, Any]:
+    """Start the simulators and the daemon (empty database), run ``single_flows`` flows one at a
+    time, then ``flows`` flows ``concurrency`` at a time; count what they left behind."""
+    stack = e2e.start_stack(ctx.procs, ctx.pin, ctx.workdir, "end_to_end", _sim(plan))
+    around = _Around(ctx, stack, "end_to_end")
+    try:
+        rss_start = e2e.rss(stack.daemon)
+        first = E2E_FIRST + plan.single_flows
+        out = e2e.drive(stack.sim_base, single=range(E2E_FIRST, first), concurrent=range(first, first + plan.flows),
+                        concurrency=plan.concurrency, budget_s=plan.budget_s, flow_timeout_s=plan.flow_timeout_s,
+                        before=around.before, after=around.after)
+        flows = out["single"] + out["concurrent"]["results"]
+        checks = _finish(stack, flows, plan.settle_timeout_s)
+        rss_end = e2e.rss(stack.daemon)
+    finally:
+        described = stack.describe()
+        codes = stack.stop()
+    conc = out["concurrent"]
+    run = e2e.summarise(conc["results"], conc["wall_s"])
+    run["not_started"] = conc["not_started"]
+    run["concurrency"] = plan.concurrency
+    run.update({k: v for k, v in around.out.items() if k in ("cpu", "profiles")})
+    p99_max = plan.target_p99_ms_over_providers + plan.providers_on_path_ms
+    p99 = (run.get("latency_ms") or {}).get("p99")
+    met = {
+        f"flows_per_minute>={plan.target_flows_per_minute}":
+            (run.get("flows_per_minute") or 0) >= plan.target_flows_per_minute and run["not_started"] == 0,
+        f"p99<{p99_max}ms": p99 is not None and p99 < p99_max,
+        "no_message_lost_or_duplicated": checks["ok"],
+    }
+    return {
+        "description": ("complete flows against the sandbox simulators (bench/simhost.py on the load core, "
+                        f"{plan.provider_latency_ms} ms on every provider API answer, STK callback "
+                        f"{plan.callback_ms} ms after the PIN), the daemon in live mode on the server core; "
+                        "latency = the merchant's message -> the last of the two receipts at the phones"),
+        "plan": {**asdict(plan), "providers_on_path_ms": plan.providers_on_path_ms},
+        **described, **codes,
+        "single": e2e.single_summary(out["single"]),
+        "run": run,
+        "checks": checks,
+        "driver": out["driver"],
+        "daemon_rss": {"after_start": rss_start, "before_run": around.out.get("rss_before"),
+                       "after_run": around.out.get("rss_after"), "after_settle": rss_end},
+        "sample_flows": e2e.flows_as_dicts(conc["results"], 3),
+        "targets": {"flows_per_minute_min": plan.target_flows_per_minute, "p99_ms_max": p99_max, "met": met},
+    }
+
+
+@dataclass
+class ScalePrep:
+    db: Path
+    migrate: dict[str, Any]
+    seed: dict[str, Any]
+    stack: e2e.Stack | None = None
+
+
+def prepare_state_at_scale(plan: StateAtScalePlan, e2e_plan: EndToEndPlan, ctx: Context,
+                           spawn: bool = False) -> ScalePrep:
+    """``invoiceiq migrate`` a fresh database, seed it; with ``spawn`` also start its stack
+    (without waiting: quick mode overlaps its start-up with the end-to-end scenario)."""
+    db = ctx.workdir / "state_at_scale.db"
+    migrated = e2e.migrate(db, ctx.workdir)
+    seeded = e2e.seed(db, conversations=plan.conversations, invoices=plan.invoices,
+                      outbox_history=plan.outbox_history)
+    seeded["max_outbox_id"] = e2e.max_outbox_id(db)
+    prep = ScalePrep(db, migrated, seeded)
+    if spawn:
+        prep.stack = e2e.spawn_stack(ctx.procs, ctx.pin, ctx.workdir, "state_at_scale", _sim(e2e_plan), db=db)
+    return prep
+
+
+def _empty_baseline(e2e_plan: EndToEndPlan, single_flows: int, ctx: Context) -> dict[str, Any]:
+    """One flow at a time on an empty database (when no end-to-end run gave one)."""
+    stack = e2e.start_stack(ctx.procs, ctx.pin, ctx.workdir, "state_at_scale_empty", _sim(e2e_plan))
+    try:
+        rss_start = e2e.rss(stack.daemon)
+        out = e2e.drive(stack.sim_base, single=range(BASELINE_FIRST, BASELINE_FIRST + single_flows))
+    finally:
+        stack.stop()
+    return {"source": "state_at_scale_empty", "single": e2e.single_summary(out["single"]),
+            "rss_after_start": rss_start}
+
+
+def state_at_scale(plan: StateAtScalePlan, e2e_plan: EndToEndPlan, ctx: Context,
+                   baseline: dict[str, Any] | None = None, prep: ScalePrep | None = None) -> dict[str, Any]:
+    """Seeded database: the daemon's RSS after start and after ``flows_after_start`` flows, and
+    one flow's latency (median of ``single_flows - 1`` after a warm-up) against the empty
+    database's (``baseline``: the end-to-end scenario's single flows, same cores and settings)."""
+    prep = prep or prepare_state_at_scale(plan, e2e_plan, ctx)
+    stack = prep.stack or e2e.spawn_stack(ctx.procs, ctx.pin, ctx.workdir, "state_at_scale", _sim(e2e_plan),
+                                          db=prep.db)
+    around = _Around(ctx, stack, "state_at_scale")
+    try:
+        stack.wait_ready()
+        rss_start = e2e.rss(stack.daemon)
+        first = SCALE_FIRST + plan.single_flows
+        out = e2e.drive(stack.sim_base, single=range(SCALE_FIRST, first),
+                        concurrent=range(first, first + plan.flows_after_start), concurrency=plan.concurrency,
+                        budget_s=plan.budget_s, flow_timeout_s=e2e_plan.flow_timeout_s,
+                        before=around.before, after=around.after)
+        flows = out["single"] + out["concurrent"]["results"]
+        checks = _finish(stack, flows, e2e_plan.settle_timeout_s, prep.seed.get("max_outbox_id", 0))
+        rss_end = e2e.rss(stack.daemon)
+    finally:
+        described = stack.describe()
+        codes = stack.stop()
+    if baseline is None or not (baseline.get("single") or {}).get("latency_ms_median"):
+        empty = _empty_baseline(e2e_plan, plan.single_flows, ctx)
+    else:
+        empty = {"source": "end_to_end", "single": baseline["single"],
+                 "rss_after_start": (baseline.get("daemon_rss") or {}).get("after_start")}
+    seeded_single = e2e.single_summary(out["single"])
+    conc = out["concurrent"]
+    run = e2e.summarise(conc["results"], conc["wall_s"])
+    run["not_started"] = conc["not_started"]
+    run.update({k: v for k, v in around.out.items() if k in ("cpu", "profiles")})
+    seeded_ms = seeded_single.get("latency_ms_median")
+    empty_ms = empty["single"].get("latency_ms_median")
+    ratio = round(seeded_ms / empty_ms, 3) if seeded_ms and empty_ms else None
+    after_flows = around.out.get("rss_after") or rss_end
+    peak_mb = max(x for x in ((rss_start.get("hwm_mb") or 0), (after_flows.get("hwm_mb") or 0),
+                              (rss_end.get("hwm_mb") or 0)))
+    met = {
+        f"rss<{plan.target_rss_mb:g}MB": bool(peak_mb) and peak_mb < plan.target_rss_mb,
+        "one_flow_no_slower": ratio is not None and ratio <= plan.slower_tolerance,
+        "no_message_lost_or_duplicated": checks["ok"],
+    }
+    return {
+        "description": (f"{prep.seed['conversations']:,} conversations and {prep.seed['invoices']:,} invoices "
+                        f"(+ {prep.seed['outbox_history_rows']:,} finished outbox rows) written into the schema of "
+                        "`invoiceiq migrate` before the daemon starts; its RSS after start and after "
+                        f"{plan.flows_after_start:,} flows; one flow at a time, seeded vs empty"),
+        "plan": asdict(plan), "migrate": prep.migrate, "seed": prep.seed,
+        **described, **codes,
+        "daemon_rss": {"after_start": rss_start, "after_flows": after_flows, "after_settle": rss_end,
+                       "peak_mb": peak_mb, "empty_db_after_start": empty.get("rss_after_start")},
+        "one_flow": {"seeded": seeded_single, "empty": empty["single"], "empty_source": empty["source"],
+                     "seeded_median_ms": seeded_ms, "empty_median_ms": empty_ms, "ratio": ratio},
+        "run": run,
+        "checks": checks,
+        "driver": out["driver"],
+        "targets": {"rss_mb_max": plan.target_rss_mb, "flow_latency_ratio_max": plan.slower_tolerance, "met": met},
+    }
+

@@ -142,8 +142,8 @@ class SinkProtocol(asyncio.Protocol):
             return _response(200, "OK", orjson.dumps(s.as_dict()))
         if method == "GET" and path == "/healthz":
             return _response(200, "OK", b'{"status":"ok"}')
-        # TODO(issue 8, end to end): Daraja's OAuth token, STK Push and STK Query belong here (or
-        # the sandbox simulators in invoiceiq/sandbox/ are used instead); see bench/scenarios.py.
+        # Daraja is not faked here: the end-to-end scenarios use the sandbox simulators
+        # (bench/simhost.py), which speak all three providers' wire formats.
         s.unknown += 1
         return _response(404, "Not Found", b'{"error":"not found"}')
 
