@@ -948,8 +948,8 @@ def seed(db: Path, *, conversations: int, invoices: int, outbox_history: bool = 
             " resolved_at_ms, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", stk_rows)
         conn.executemany(
             "INSERT INTO outbox (recipient, channel, kind, invoice_id, content, status, attempts, next_attempt_at_ms,"
-            " provider_message_id, dedupe_key, created_at_ms, sent_at_ms, updated_at_ms)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", outbox_rows)
+            " provider_message_id, dedupe_key, created_at_ms, sent_at_ms, updated_at_ms, order_key)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", [(*r, r[0]) for r in outbox_rows])
         conn.execute("UPDATE counters SET value = ? WHERE name = 'invoice'", (first_counter + invoices,))
         conn.execute("COMMIT")
         conn.execute("ANALYZE")

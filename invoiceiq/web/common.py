@@ -7,6 +7,7 @@ import ipaddress
 from collections.abc import Iterable
 from typing import Any
 
+import anyio
 import orjson
 from quart import Response, request
 
@@ -41,6 +42,14 @@ def decode_json(raw: bytes) -> tuple[bool, Any]:
             return False, None
         stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
     return True, value
+
+
+async def store_durably(job: Any) -> Any:
+    """A webhook's write, finished even if the client hangs up meanwhile: the job commits
+    anyway (it is queued), and finishing here lets the handler still post its mailbox kick
+    (which is synchronous) instead of leaving the event to the scheduler's sweep."""
+    with anyio.CancelScope(shield=True):
+        return await services().store.write(job)
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:

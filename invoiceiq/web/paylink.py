@@ -21,7 +21,7 @@ from ..core.model import Invoice, InvoiceStatus, PaymentStatus, format_kes
 from ..observability import get_logger
 from ..store import StoreError, Tx, inbox, invoices, payments
 from ..store.payments import Attempt
-from .common import client_ip, secrets_equal
+from .common import client_ip, secrets_equal, store_durably
 from .context import services
 
 bp = Blueprint("paylink", __name__)
@@ -179,7 +179,7 @@ async def pay(token: str) -> Response:
                         kind="pay_request", payload={"phone": invoice.msisdn, "via": "paylink"}, now_ms=now)
 
     try:
-        await svc.store.write(job)
+        await store_durably(job)
     except StoreError:
         return _page("Try again", "<div class=\"card\"><h1>Please try again in a moment</h1></div>", status=503)
     svc.dispatch.kick("payment", invoice.id)

@@ -18,7 +18,7 @@ from ..gateways import mpesa
 from ..observability import get_logger
 from ..store import StoreError, Tx, inbox, invoices, payments
 from .api import idempotency_key, idempotent, read_json_object
-from .common import admin_denied, client_ip, decode_json, error, ip_allowed, json_response, secrets_equal
+from .common import admin_denied, client_ip, decode_json, error, ip_allowed, json_response, secrets_equal, store_durably
 from .context import services
 
 bp = Blueprint("payments", __name__)
@@ -75,7 +75,7 @@ async def callback(secret: str) -> Response:
         return (attempt.invoice_id if attempt else None), seq is not None
 
     try:
-        invoice_id, fresh = await svc.store.write(store)
+        invoice_id, fresh = await store_durably(store)
     except StoreError:
         log.error("webhook_not_stored", provider="mpesa")
         return error(503, "storage unavailable, retry later")

@@ -14,7 +14,7 @@ from ..core.model import Channel, Direction
 from ..gateways import sms as at
 from ..observability import get_logger
 from ..store import StoreError, Tx, inbox, messages
-from .common import error, json_response, secrets_equal
+from .common import error, json_response, secrets_equal, store_durably
 from .context import services
 
 bp = Blueprint("sms", __name__)
@@ -64,7 +64,7 @@ async def inbound() -> Response:
         return True
 
     try:
-        fresh = await svc.store.write(store)
+        fresh = await store_durably(store)
     except StoreError:
         log.error("webhook_not_stored", provider="africastalking")
         return error(503, "storage unavailable, retry later")
@@ -94,7 +94,7 @@ async def status() -> Response:
         return seq is not None
 
     try:
-        fresh = await svc.store.write(store)
+        fresh = await store_durably(store)
     except StoreError:
         log.error("webhook_not_stored", provider="africastalking")
         return error(503, "storage unavailable, retry later")

@@ -19,7 +19,7 @@ from ..core.model import Channel, Direction
 from ..gateways import whatsapp as wa
 from ..observability import get_logger
 from ..store import StoreError, Tx, customers, inbox, messages
-from .common import decode_json, error, json_response, secrets_equal
+from .common import decode_json, error, json_response, secrets_equal, store_durably
 from .context import services
 
 bp = Blueprint("whatsapp", __name__)
@@ -66,7 +66,7 @@ async def receive() -> Response:
 
     now = svc.clock.now_ms()
     try:
-        sessions, statuses, counts = await svc.store.write(lambda tx: _store(tx, batch, now))
+        sessions, statuses, counts = await store_durably(lambda tx: _store(tx, batch, now))
     except StoreError:
         log.error("webhook_not_stored", provider="whatsapp", messages=len(batch.messages),
                   statuses=len(batch.statuses))
