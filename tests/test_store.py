@@ -293,3 +293,23 @@ async def test_next_due_ignores_rows_blocked_behind_a_send(store: Store) -> None
     await store.write(lambda tx: outbox.claim_due(tx, now_ms=NOW, limit=10, worker="w", lease_ms=5000))
     # a2 is due but waits for a1: the next wake-up is a1's lease running out, not "now" (a spin).
     assert await store.read(lambda tx: outbox.next_due_ms(tx, NOW)) == NOW + 5001
+
+
+async def test_a_merchant_notice_never_overtakes_an_earlier_chat_reply(store: Store) -> None:
+    async def queue(tx: Tx) -> list[int | None]:
+        reply = await outbox.enqueue(tx, recipient="M", channel=Channel.WHATSAPP, kind="reply",
+                                     content={"type": "text", "body": "review"}, now_ms=NOW)
+        notice = await outbox.enqueue(tx, recipient="M", channel=Channel.WHATSAPP, kind="notice",
+                                      content={"type": "text", "body": "sent"}, now_ms=NOW,
+                                      order_key=outbox.per_invoice("M", "1001"))
+        later_reply = await outbox.enqueue(tx, recipient="M", channel=Channel.WHATSAPP, kind="reply",
+                                           content={"type": "text", "body": "next"}, now_ms=NOW)
+        return [reply, notice, later_reply]
+
+    reply, notice, later_reply = await store.write(queue)
+    claim = lambda tx: outbox.claim_due(tx, now_ms=NOW, limit=10, worker="w", lease_ms=1000)  # noqa: E731
+    assert [r.id for r in await store.write(claim)] == [reply]
+    await store.write(lambda tx: outbox.mark_sent(tx, reply, "wamid.r", NOW))
+    assert [r.id for r in await store.write(claim)] == [notice]
+    await store.write(lambda tx: outbox.mark_sent(tx, notice, "wamid.n", NOW))
+    assert [r.id for r in await store.write(claim)] == [later_reply]

@@ -304,9 +304,14 @@ class DarajaClient:
     # --- plumbing ---------------------------------------------------------------------
 
     async def _post(self, path: str, body: Mapping[str, Any]) -> httpx.Response:
-        """POST with the shared token; on 404.001.03 refresh the token once and retry once."""
+        """POST with the shared token; on 404.001.03 refresh the token and retry.
+
+        Alone, one retry is enough. With several processes sharing one token, two may mint at
+        once and the later revokes the earlier: the loser's retry then finds the winner's token
+        in the shared store, hence a third attempt (and no more: a fresh token refused twice
+        means the credentials are wrong)."""
         url = self._base + path
-        for _ in range(2):
+        for _ in range(3 if self._shared is not None else 2):
             token = await self._access_token()
             response = await request(
                 self._http,

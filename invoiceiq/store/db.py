@@ -270,6 +270,9 @@ class Database:
             server_settings = {k: v for k, v in query.items() if k in ("search_path", "application_name")}
             server_settings.setdefault("application_name", "invoiceiq")
             options.setdefault("server_settings", server_settings)
+            if "sslmode" in query and "ssl" not in query:
+                # libpq's name for it; databases only reads ?ssl=, so it would be dropped silently.
+                options.setdefault("ssl", query["sslmode"])
             self._db = databases.Database(self.url, min_size=1, max_size=pg_pool, **options)
         self._writer: GroupCommitWriter | None = None
         self._writer_raw: sqlite3.Connection | None = None

@@ -54,7 +54,8 @@ def _row(r: dict[str, Any]) -> OutboxRow:
 def per_invoice(recipient: str, invoice_id: str | None) -> str:
     """An order key for a busy recipient (the merchant): their notices about one invoice stay
     in order, notices about different invoices do not wait for each other (at 200 ms a send,
-    one queue for the merchant would cap a campaign at about five invoices a second)."""
+    one queue for the merchant would cap a campaign at about five invoices a second). Plain
+    rows to that recipient (their chat) stay in order with everything."""
     return f"{recipient}|{invoice_id or '-'}"
 
 
@@ -106,8 +107,13 @@ async def claim_due(tx: Tx, *, now_ms: int, limit: int, worker: str, lease_ms: i
         # of every message ever sent.
         "  WHERE o.status IN ('PENDING','SENDING') AND o.next_attempt_at_ms <= :now"
         f"   AND o.channel IN ({in_channels}) AND (o.status = 'PENDING' OR o.claimed_until_ms < :now)"
-        "   AND NOT EXISTS (SELECT 1 FROM outbox p WHERE p.order_key = o.order_key AND p.id < o.id"
-        "      AND p.status IN ('PENDING','SENDING'))"
+        # Ordering: an earlier unfinished row to the same recipient holds this one back if it
+        # has the same order key, or if either of them is a plain (per-recipient) row: the
+        # merchant's chat replies and their notices never overtake each other, while notices
+        # about different invoices go side by side.
+        "   AND NOT EXISTS (SELECT 1 FROM outbox p WHERE p.recipient = o.recipient AND p.id < o.id"
+        "      AND p.status IN ('PENDING','SENDING')"
+        "      AND (p.order_key = o.order_key OR p.order_key = p.recipient OR o.order_key = o.recipient))"
         f"  ORDER BY o.id LIMIT :lim{skip_locked})"
         " RETURNING *",
         {"lease": now_ms + lease_ms, "w": worker, "now": now_ms, "lim": limit},

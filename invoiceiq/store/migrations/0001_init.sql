@@ -150,7 +150,7 @@ CREATE TABLE outbox (
   updated_at_ms BIGINT NOT NULL
 );
 CREATE INDEX outbox_due ON outbox (next_attempt_at_ms) WHERE status IN ('PENDING','SENDING');
-CREATE INDEX outbox_order ON outbox (order_key, id) WHERE status IN ('PENDING','SENDING');
+CREATE INDEX outbox_recipient ON outbox (recipient, id) WHERE status IN ('PENDING','SENDING');
 CREATE UNIQUE INDEX outbox_provider_id ON outbox (provider_message_id) WHERE provider_message_id IS NOT NULL;
 CREATE INDEX outbox_invoice ON outbox (invoice_id);
 
