@@ -207,6 +207,7 @@ class OutboxSettings:
     backoff_base_s: int = 2
     backoff_max_s: int = 600
     fallback_after_s: int = 0
+    lease_s: int = 60
 
 
 @dataclass(frozen=True, slots=True)
@@ -731,6 +732,7 @@ _VALIDATORS: Final[Mapping[str, _Validator]] = {
     "outbox.backoff_max_s": _at_least(1),
     # 0 = fall back to SMS only when WhatsApp fails.
     "outbox.fallback_after_s": _at_least(0),
+    "outbox.lease_s": _at_least(15),
     "metrics.token": _token(),
     "log.level": _one_of("debug", "info", "warning", "error", fold_case=True),
     "sandbox.latency_ms": _at_least(0),

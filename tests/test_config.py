@@ -104,7 +104,7 @@ def test_defaults_without_file_or_env() -> None:
     assert (s.mpesa.push_min_interval_s, s.mpesa.push_limit, s.mpesa.push_window_s) == (60, 3, 600)
     assert s.mpesa.callback_allow_ips == ()
     assert dataclasses.astuple(s.chat) == (300, 900, 30, 3600, 3600)
-    assert dataclasses.astuple(s.outbox) == (10, 2, 600, 0)
+    assert dataclasses.astuple(s.outbox) == (10, 2, 600, 0, 60)
     assert s.metrics.token == ""
     assert s.log.level == "info"
     assert (s.sandbox.latency_ms, s.sandbox.customer_msisdn) == (0, "254712345678")

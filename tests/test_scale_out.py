@@ -20,9 +20,8 @@ to whichever instance the test picks. Every wait polls a condition under a deadl
 * the merchant's "Invoice #N sent" never overtakes the chat replies queued before it; two
   instances refreshing the Daraja token at once both push (the loser retries with the winner's);
 * (d) B killed with SIGKILL half-way through a load like (c) (50 invoices), in the middle of a
-  send; A finishes all the work. The outbox lease is a constant (``actors.outbox.LEASE_MS`` =
-  60 s, no configuration key), so the sends B had claimed wait out that minute: this test
-  alone takes a little over a minute.
+  send; A finishes all the work. The sends B had claimed wait out the outbox lease
+  (``outbox.lease_s``, set to its minimum of 15 s here).
 """
 
 from __future__ import annotations
@@ -84,7 +83,8 @@ AT_API_KEY = "at-api-key-for-tests"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 # The daemons' timing, shortened where a test would otherwise wait for it.
 QUERY_AFTER_S = 20    # no callback yet: ask Daraja (the fake always says "still processing")
-EXPIRE_AFTER_S = 40   # still nothing: give the attempt up (inside the outbox's 60 s lease)
+EXPIRE_AFTER_S = 40   # still nothing: give the attempt up
+LEASE_S = 15          # outbox.lease_s: how long a dead instance's claimed sends stay claimed
 
 
 # -- the providers ---------------------------------------------------------------------------------
@@ -372,6 +372,8 @@ class Cluster:
             INVOICEIQ_MPESA_PUSH_MIN_INTERVAL_S="0",
             INVOICEIQ_MPESA_QUERY_AFTER_S=str(QUERY_AFTER_S),
             INVOICEIQ_MPESA_EXPIRE_AFTER_S=str(EXPIRE_AFTER_S),
+            # The shortest lease allowed: B's claimed sends come back to A after 15 s, not 60.
+            INVOICEIQ_OUTBOX_LEASE_S=str(LEASE_S),
             INVOICEIQ_LOG_LEVEL="info",
         ))
         env["PYTHONUNBUFFERED"] = "1"

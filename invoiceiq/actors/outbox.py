@@ -38,7 +38,8 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 POLL_MS = 5_000
-LEASE_MS = 60_000  # far above the HTTP timeout: a live sender never loses its claim
+# outbox.lease_s (default 60 s): far above the HTTP timeout (10 s), so a live sender never
+# loses its claim; a crashed process's claims come back after it.
 UNKNOWN_STATUS_GIVE_UP_MS = 10 * 60_000
 
 
@@ -173,6 +174,7 @@ class OutboxActor:
         self.stopping = stopping
         self.worker_id = worker_id
         self.concurrency = concurrency
+        self.lease_ms = core.settings.outbox.lease_s * 1000
         self.pressure = pressure
         self.waker = Waker()
         self.in_flight = 0
@@ -211,7 +213,7 @@ class OutboxActor:
                 rows: list[OutboxRow] = []
                 if free > 0 and channels:
                     rows = await self.store.write(lambda tx: outbox.claim_due(
-                        tx, now_ms=now, limit=free, worker=self.worker_id, lease_ms=LEASE_MS, channels=channels))
+                        tx, now_ms=now, limit=free, worker=self.worker_id, lease_ms=self.lease_ms, channels=channels))
                 for row in rows:
                     self.in_flight += 1
                     senders.start_soon(self._send, row)
