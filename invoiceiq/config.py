@@ -358,6 +358,9 @@ _LIVE_REQUIRED: Final = frozenset(
         "mpesa.passkey",
         "sms.username",
         "sms.api_key",
+        # Africa's Talking signs nothing: without this token anyone could post an inbound SMS
+        # (a forged PAY starts a real prompt; any text costs the merchant an SMS reply).
+        "sms.callback_token",
         "merchant.msisdn",
         "server.public_url",
     }

@@ -37,6 +37,11 @@ GRAPH = "https://graph.test/v25.0"
 AT_BASE = "https://at.test"
 DARAJA = "https://daraja.test"
 PUBLIC_URL = "https://pay.test"
+SMS_TOKEN = "sms-callback-token-for-tests"
+# Africa's Talking's callback URLs as configured on its dashboard: with the token (live mode
+# requires sms.callback_token, since AT signs nothing).
+SMS_INBOUND = f"/sms/inbound?token={SMS_TOKEN}"
+SMS_STATUS = f"/sms/status?token={SMS_TOKEN}"
 
 
 def base_env(database_url: str, **extra: str) -> dict[str, str]:
@@ -55,6 +60,7 @@ def base_env(database_url: str, **extra: str) -> dict[str, str]:
         "INVOICEIQ_WHATSAPP_API_BASE": GRAPH,
         "SMS_USERNAME": "invoiceiq",
         "SMS_API_KEY": "at-api-key-for-tests",
+        "SMS_CALLBACK_TOKEN": SMS_TOKEN,
         "INVOICEIQ_SMS_API_BASE": AT_BASE,
         "MPESA_CONSUMER_KEY": "ck-test",
         "MPESA_CONSUMER_SECRET": "cs-test",

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from harness import (
+    SMS_INBOUND,
     ADMIN_TOKEN,
     CUSTOMER,
     MERCHANT,
@@ -71,8 +72,11 @@ def signed(payload: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
     return body, {"Content-Type": "application/json", "X-Hub-Signature-256": sign(body)}
 
 
-async def post_all(h: Handle, payloads: list[dict[str, Any]], concurrency: int = 100) -> list[int]:
-    """POST every payload to the webhook, ``concurrency`` at a time, over real connections."""
+async def post_all(h: Handle, payloads: list[dict[str, Any]], concurrency: int = 16,
+                   progress: Any = None) -> list[int]:
+    """POST every payload to the webhook over ``concurrency`` keep-alive connections at once
+    (a worker per connection: httpcore's pool costs O(pending^2) with thousands of requests
+    queued in it, and in-process that CPU would be taken from the daemon under test)."""
     statuses: list[int] = []
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=str(h.client.base_url), limits=limits, timeout=60) as client:
@@ -85,6 +89,8 @@ async def post_all(h: Handle, payloads: list[dict[str, Any]], concurrency: int =
             async for payload in receive:
                 body, headers = signed(payload)
                 statuses.append((await client.post("/whatsapp/webhook", content=body, headers=headers)).status_code)
+                if progress is not None:
+                    progress(len(statuses))
 
         async with anyio.create_task_group() as tg:
             for _ in range(concurrency):
@@ -104,12 +110,12 @@ async def new_invoice(h: Handle, msisdn: str = CUSTOMER) -> dict[str, Any]:
 # -- a thousand Pay taps -------------------------------------------------------------------------
 
 
-async def thousand_taps(h: Handle) -> tuple[list[str], float]:
+async def taps(h: Handle, n: int = TAPS) -> tuple[list[str], float]:
     await new_invoice(h)
     mark = len(h.providers.to(CUSTOMER))
     started = time.perf_counter()
-    statuses = await post_all(h, [inbound_button(CUSTOMER, "pay_now:1001") for _ in range(TAPS)])
-    assert statuses == [200] * TAPS
+    statuses = await post_all(h, [inbound_button(CUSTOMER, "pay_now:1001") for _ in range(n)])
+    assert statuses == [200] * n
     await settle(h, timeout=60)
     elapsed = time.perf_counter() - started
     return [s.text for s in h.providers.to(CUSTOMER)[mark:]], elapsed
@@ -119,7 +125,7 @@ async def test_a_thousand_pay_taps_make_one_stk_push_and_at_most_one_reply_per_t
     """The bound the code gives: one STK push (the partial unique index on payments), and one
     answer per tap — "prompt sent" for the first, "already sent, check your phone" for each of
     the others (actors/payment.py _pay_request answers every Pay request it did not start)."""
-    told, elapsed = await thousand_taps(h)
+    told, elapsed = await taps(h)
     assert len(h.providers.daraja.pushes) == 1
     assert [r["status"] for r in await rows(h, "SELECT status FROM payments")] == ["INITIATED"]
     prompt = [t for t in told if t.startswith("M-PESA prompt sent to")]
@@ -131,13 +137,8 @@ async def test_a_thousand_pay_taps_make_one_stk_push_and_at_most_one_reply_per_t
           f"{elapsed:.1f} s until everything settled")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: actors/payment.py _pay_request/_answer queue one WhatsApp reply per Pay request while an attempt is in "
-    "flight (prompt_already_sent, no dedupe key, no rate limit), so 1,000 taps make 1,000 outbound messages; "
-    "core/customer.py rate-limits only free-text hints. Suggested fix: answer IN_FLIGHT/TOO_SOON at most once "
-    "per attempt (dedupe_key f'inflight:{payment_id}') or once per N seconds per customer"))
-async def test_a_thousand_pay_taps_get_a_handful_of_replies(h: Handle) -> None:
-    told, _ = await thousand_taps(h)
+async def test_pay_taps_get_a_handful_of_replies(h: Handle) -> None:
+    told, _ = await taps(h, 50)  # 50 show it as well as 1,000 (one reply each), in a fraction of the time
     assert len(told) <= 5, len(told)
 
 
@@ -190,7 +191,7 @@ async def test_merchant_commands_by_sms_are_ignored_even_from_the_merchants_numb
     sent = len(h.providers.sent)
     for n, (sender, text) in enumerate([(MERCHANT, "invoice 0712345678 2500 Cleaning"), (MERCHANT, "cancel 1001"),
                                         (STRANGER, "invoice 0712345678 2500 Cleaning"), (STRANGER, "cancel 1001")]):
-        response = await h.client.post("/sms/inbound", data={"from": f"+{sender}", "id": f"sms-{n}", "text": text,
+        response = await h.client.post(SMS_INBOUND, data={"from": f"+{sender}", "id": f"sms-{n}", "text": text,
                                                               "to": "21345"})
         assert response.status_code == 200
     await settle(h)
@@ -203,33 +204,23 @@ async def test_merchant_commands_by_sms_are_ignored_even_from_the_merchants_numb
 
 
 async def test_a_flood_from_one_customer_does_not_starve_the_merchants_conversation(h: Handle) -> None:
-    """2,000 messages from one customer posted 200 at a time; the merchant writes when half of
-    them are in. Keyed actors take turns (runtime.Registry), outbox rows go out oldest-first per
-    recipient, so the merchant's answer must not wait for the flood to be worked off."""
+    """2,000 messages from one customer over 16 concurrent connections; the merchant writes when
+    half of them are in. Keyed actors take turns (runtime.Registry) and outbox rows go out
+    oldest-first per recipient, so the merchant's answer must not wait for the flood."""
     flood = [inbound_text(CUSTOMER, f"spam {n}") for n in range(FLOOD)]
     half = anyio.Event()
-    posted = 0
-    timing: dict[str, float] = {}
+    done: dict[str, float] = {}
+
+    def progress(n: int) -> None:
+        if n >= FLOOD // 2:
+            half.set()
 
     async def flood_in() -> None:
-        nonlocal posted
-        limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
-        async with httpx.AsyncClient(base_url=str(h.client.base_url), limits=limits, timeout=60) as client:
-            async def one(payload: dict[str, Any]) -> None:
-                nonlocal posted
-                body, headers = signed(payload)
-                response = await client.post("/whatsapp/webhook", content=body, headers=headers)
-                assert response.status_code == 200
-                posted += 1
-                if posted == FLOOD // 2:
-                    half.set()
+        statuses = await post_all(h, flood, concurrency=16, progress=progress)
+        assert statuses == [200] * FLOOD
+        done["posted"] = time.perf_counter()
 
-            for start in range(0, FLOOD, 200):
-                async with anyio.create_task_group() as tg:
-                    for payload in flood[start:start + 200]:
-                        tg.start_soon(one, payload)
-        timing["flood_posted"] = time.perf_counter()
-
+    started = time.perf_counter()
     async with anyio.create_task_group() as tg:
         tg.start_soon(flood_in)
         await half.wait()
@@ -240,14 +231,15 @@ async def test_a_flood_from_one_customer_does_not_starve_the_merchants_conversat
         (row,) = await rows(h, "SELECT COUNT(*) AS n FROM inbox WHERE actor = 'session' AND actor_key = :k"
                                " AND processed_at_ms IS NULL", {"k": CUSTOMER})
         flood_waiting = int(row["n"])
-        flood_still_posting = "flood_posted" not in timing
+        still_posting = "posted" not in done
     await settle(h, timeout=60)
-    total = time.perf_counter() - sent_at
+    total = time.perf_counter() - started
     stored = (await rows(h, "SELECT COUNT(*) AS n FROM inbox WHERE actor_key = :k", {"k": CUSTOMER}))[0]["n"]
-    print(f"\nflood of {FLOOD}: merchant answered in {answered * 1000:.0f} ms, while {flood_waiting} flood messages "
-          f"were still unprocessed (still posting: {flood_still_posting}); flood worked off {total:.1f} s after")
+    print(f"\nflood of {FLOOD} over 16 connections: merchant answered in {answered * 1000:.0f} ms while the flood "
+          f"was {'still being posted' if still_posting else 'posted'} ({flood_waiting} stored and unprocessed); "
+          f"flood posted after {done['posted'] - started:.1f} s, all worked off after {total:.1f} s")
     assert stored == FLOOD                                 # nothing of the flood was lost either
-    assert flood_still_posting or flood_waiting > 0       # the merchant was served during the flood
+    assert still_posting or flood_waiting > 0             # the merchant was served during the flood
     assert answered < 5.0
     # The flood itself earned the customer one hint (then an hour of silence), not 2,000 replies.
-    assert len(h.providers.to(CUSTOMER)) <= 2
+    assert len(h.providers.to(CUSTOMER)) <= 1

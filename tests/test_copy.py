@@ -513,6 +513,7 @@ def every_reply() -> dict[str, list[Reply]]:
         "invoice_details": [copy.invoice_details(BIG), copy.invoice_details(paid)],
         "customer_hint": [copy.customer_hint(many), copy.customer_hint([BIG]), copy.customer_hint([])],
         "double_payment": [copy.double_payment(INV, 2500, "NLJ7RT61SV")],
+        "payer_mismatch": [copy.payer_mismatch(INV, 2500, "NLJ7RT61SV", "254722000111")],
         "amount_unreadable": [copy.amount_unreadable(INV, "NLJ7RT61SV")],
         "sms_customer_hint": [copy.sms_customer_hint(many), copy.sms_customer_hint([BIG]),
                               copy.sms_customer_hint([])],

@@ -89,9 +89,14 @@ def load(name: str) -> Any:
     return data
 
 
-def with_checkout(sample: dict[str, Any], checkout: str) -> dict[str, Any]:
+def with_checkout(sample: dict[str, Any], checkout: str, phone: str = CUSTOMER) -> dict[str, Any]:
+    """A sample callback about our attempt: its CheckoutRequestID, and the phone we prompted
+    (a success reported for another phone settles nothing)."""
     body = copylib.deepcopy(sample)
     body["Body"]["stkCallback"]["CheckoutRequestID"] = checkout
+    for item in body["Body"]["stkCallback"].get("CallbackMetadata", {}).get("Item", []):
+        if item.get("Name") == "PhoneNumber":
+            item["Value"] = int(phone)
     return body
 
 
@@ -621,13 +626,13 @@ async def test_twenty_concurrent_taps_make_exactly_one_push(h: Handle) -> None:
     async with anyio.create_task_group() as tg:
         for _ in range(20):
             tg.start_soon(h.tap, CUSTOMER, "pay_now:1001")
-    await wait_until(h, lambda: len(h.providers.to(CUSTOMER)) >= mark + 20, "an answer to every tap")
+    await wait_until(h, lambda: len(h.providers.to(CUSTOMER)) >= mark + 2, "the answers")
     await settle(h)
     told = [s.text for s in after(h, CUSTOMER, mark)]
     assert len(h.providers.daraja.pushes) == 1
     assert told.count(prompt_sent()) == 1
-    assert told.count(already_sent()) == 19
-    assert len(told) == 20  # at most one answer per tap
+    # The repeated taps are answered, but once per 10 seconds, not once per tap.
+    assert 1 <= told.count(already_sent()) <= 2 and len(told) <= 3
     assert [a["status"] for a in await attempts(h)] == ["INITIATED"]
     checkout = h.providers.daraja.pushes[0]["_checkout"]
     await post_callback(h, stk_callback(checkout, 0, amount=2500))

@@ -27,6 +27,8 @@ import anyio
 import pytest
 
 from harness import (
+    SMS_INBOUND,
+    SMS_STATUS,
     ADMIN_TOKEN,
     CUSTOMER,
     MERCHANT,
@@ -124,7 +126,7 @@ def inbound_form(sender: str, text: str, **extra: str) -> dict[str, str]:
 
 async def text_in(h: Handle, sender: str, text: str, **extra: str) -> dict[str, str]:
     form = inbound_form(sender, text, **extra)
-    response = await h.client.post("/sms/inbound", data=form)
+    response = await h.client.post(SMS_INBOUND, data=form)
     assert response.status_code == 200, response.text
     assert response.json() == {"status": "ok"}
     await settle(h)
@@ -168,7 +170,7 @@ async def test_pay_with_the_invoice_number_starts_the_payment_like_the_whatsapp_
                          " AND event = 'inbound'")
     assert [(loads(r["payload"])["text"], loads(r["payload"])["sms_id"]) for r in inbound] == [("PAY 1001", form["id"])]
     # Africa's Talking redelivers the same message: nothing new.
-    again = await h.client.post("/sms/inbound", data=form)
+    again = await h.client.post(SMS_INBOUND, data=form)
     assert again.status_code == 200
     await settle(h)
     assert len(providers.daraja.pushes) == 1 and len(sms_to(providers, CUSTOMER)) == 2
@@ -254,7 +256,7 @@ async def test_other_text_gets_a_short_reply_by_sms(h: Handle, providers: FakePr
 
 async def test_the_merchants_own_number_is_ignored(h: Handle, providers: FakeProviders) -> None:
     for sender in (f"+{MERCHANT}", MERCHANT):
-        response = await h.client.post("/sms/inbound", data=inbound_form(
+        response = await h.client.post(SMS_INBOUND, data=inbound_form(
             MERCHANT, "invoice 0712345678 2500 Cleaning service", **{"from": sender}))
         assert response.status_code == 200 and response.json() == {"status": "ignored"}
     await settle(h)
@@ -293,13 +295,13 @@ MALFORMED_REPORTS: list[tuple[bytes, str | None]] = [
 
 
 async def test_malformed_callbacks_never_get_a_5xx(h: Handle, providers: FakeProviders) -> None:
-    for path, cases in (("/sms/inbound", MALFORMED_INBOUND), ("/sms/status", MALFORMED_REPORTS)):
+    for path, cases in ((SMS_INBOUND, MALFORMED_INBOUND), (SMS_STATUS, MALFORMED_REPORTS)):
         for body, content_type in cases:
             headers = {"Content-Type": content_type} if content_type else {}
             response = await h.client.post(path, content=body, headers=headers)
             assert response.status_code < 500, (path, body, response.status_code, response.text)
     # A wrong method is a 405, not a crash.
-    assert (await h.client.get("/sms/inbound")).status_code == 405
+    assert (await h.client.get(SMS_INBOUND)).status_code == 405
     # No inbound message was stored; a report is kept only with an id and a status (those for
     # messages we never sent are dropped by the delivery tracker later).
     stored = await q(h, "SELECT actor, actor_key, payload FROM inbox WHERE source = 'sms' ORDER BY seq")
@@ -337,7 +339,7 @@ async def test_a_callback_token_when_set_refuses_callbacks_without_it(database_u
 
 
 async def post_report(h: Handle, **form: str) -> None:
-    response = await h.client.post("/sms/status", data=form)
+    response = await h.client.post(SMS_STATUS, data=form)
     assert response.status_code == 200, response.text
     await settle(h)
 

@@ -160,6 +160,12 @@ class PaymentActor:
                 log.info("payment_initiated", invoice_id=invoice.id, payment_id=attempt.payment_id, via=via)
                 return _Push(attempt, invoice, via)
             verdict = settlement.PayVerdict.IN_FLIGHT  # another process won the race
+        if verdict is settlement.PayVerdict.IN_FLIGHT and in_flight is not None:
+            # A tap repeated while the prompt is out gets one answer per 10 seconds, not one per
+            # tap: a thousand taps in a minute make a handful of replies.
+            after.queued += await self._answer(tx, invoice, copy.prompt_already_sent(invoice, phone), via, now,
+                                               dedupe_key=f"inflight:{in_flight.payment_id}:{now // 10_000}")
+            return True
         reply = {
             settlement.PayVerdict.ALREADY_PAID: copy.already_paid(invoice),
             settlement.PayVerdict.CANCELLED: copy.pay_cancelled(invoice),
@@ -170,13 +176,15 @@ class PaymentActor:
         after.queued += await self._answer(tx, invoice, reply, via, now)
         return True
 
-    async def _answer(self, tx: Tx, invoice: Invoice, reply: copy.Reply, via: str, now: int) -> int:
+    async def _answer(self, tx: Tx, invoice: Invoice, reply: copy.Reply, via: str, now: int,
+                      dedupe_key: str | None = None) -> int:
         """Answer a Pay request where it came from (the pay page and the API show state instead)."""
         if via not in ("whatsapp", "sms"):
             return 0
         channel = Channel.SMS if via == "sms" else Channel.WHATSAPP
         queued = await outbox.enqueue(tx, recipient=invoice.msisdn, channel=channel, kind="customer_reply",
-                                      content=delivery.reply_content(reply), now_ms=now, invoice_id=invoice.id)
+                                      content=delivery.reply_content(reply), now_ms=now, invoice_id=invoice.id,
+                                      dedupe_key=dedupe_key)
         return 1 if queued is not None else 0
 
     # -- the push ----------------------------------------------------------------------------
@@ -253,13 +261,13 @@ class PaymentActor:
             result_desc=str(payload.get("result_desc") or ""),
             amount_kes=payload.get("amount_kes") if isinstance(payload.get("amount_kes"), int) else None,
             receipt=payload.get("mpesa_receipt") if isinstance(payload.get("mpesa_receipt"), str) else None,
-            via="callback")
+            via="callback", payer=payload.get("phone") if isinstance(payload.get("phone"), str) else None)
         log.info("payment_callback", invoice_id=invoice.id, payment_id=attempt.payment_id, result_code=code)
         await self._apply(tx, invoice, attempt, result, now, after, raw=payload.get("raw"))
 
     async def _apply(self, tx: Tx, invoice: Invoice, attempt: Attempt, result: settlement.Result, now: int,
                      after: _After, raw: Any = None) -> None:
-        outcome = settlement.settle(invoice, attempt.status, result)
+        outcome = settlement.settle(invoice, attempt.status, result, prompted_phone=attempt.phone)
         if result.result_code == 0 and result.amount_kes is None and result.via == "callback" \
                 and outcome.invoice is settlement.InvoiceEffect.PAY:
             # A success without a readable amount cannot be trusted to settle the invoice.
@@ -309,6 +317,9 @@ class PaymentActor:
             after.queued += await self._alert(tx, invoice, alert, now)
         elif effect is settlement.InvoiceEffect.PAID_AFTER_CANCEL:
             after.queued += await self._alert(tx, invoice, copy.paid_after_cancel(invoice, paid_kes, receipt or "?"), now)
+        elif effect is settlement.InvoiceEffect.PAYER_MISMATCH:
+            after.queued += await self._alert(
+                tx, invoice, copy.payer_mismatch(invoice, paid_kes, receipt or "?", result.payer or "?"), now)
         elif effect is settlement.InvoiceEffect.DOUBLE_PAYMENT:
             after.queued += await self._alert(tx, invoice, copy.double_payment(invoice, paid_kes, receipt or "?"), now)
 

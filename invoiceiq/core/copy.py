@@ -58,6 +58,7 @@ __all__ = [
     "UNKNOWN_COMMAND",
     "Reply",
     "already_paid",
+    "payer_mismatch",
     "amount_unreadable",
     "double_payment",
     "sms_customer_hint",
@@ -521,6 +522,15 @@ def paid_after_cancel(invoice: Invoice, paid_kes: int, mpesa_receipt: str) -> Re
         f"{_kes(paid_kes)} arrived for cancelled Invoice #{invoice.id} "
         f"(receipt {_clip(mpesa_receipt, RECEIPT_MAX)}).\n"
         "Please refund the customer or send a new invoice."
+    )
+
+
+def payer_mismatch(invoice: Invoice, paid_kes: int, mpesa_receipt: str, payer: str) -> Reply:
+    """M-PESA reported a payment from a phone that was never prompted: not settled, a person checks."""
+    return Reply(
+        f"Check Invoice #{invoice.id}: M-PESA reported {_kes(paid_kes)} from {short_msisdn(payer)}, not from "
+        f"the customer's phone (receipt {_clip(mpesa_receipt, RECEIPT_MAX)}).\nIt is not marked paid; "
+        "please confirm it in your M-PESA statement."
     )
 
 

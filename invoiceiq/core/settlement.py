@@ -57,12 +57,14 @@ class Result:
     amount_kes: int | None = None      # callbacks only
     receipt: str | None = None         # callbacks only
     via: str = "callback"              # "callback" | "query"
+    payer: str | None = None           # callbacks only: the phone that paid
 
 
 class InvoiceEffect(StrEnum):
     NONE = "none"
     PAY = "pay"                        # invoice -> PAID, receipts to both
     AMOUNT_MISMATCH = "amount_mismatch"  # money received, invoice not paid; alert the merchant
+    PAYER_MISMATCH = "payer_mismatch"  # "paid" from a phone we never prompted: alert, do not settle
     PAID_AFTER_CANCEL = "paid_after_cancel"  # money for a cancelled invoice; alert the merchant
     DOUBLE_PAYMENT = "double_payment"  # money for an invoice already paid; alert the merchant
     TELL_FAILURE = "tell_failure"      # the attempt failed: tell the customer, offer a retry
@@ -74,12 +76,17 @@ class Settlement:
     invoice: InvoiceEffect
 
 
-def settle(invoice: Invoice, attempt_status: PaymentStatus, result: Result) -> Settlement:
+def settle(invoice: Invoice, attempt_status: PaymentStatus, result: Result,
+           prompted_phone: str | None = None) -> Settlement:
     """The new attempt status and what happens to the invoice, for any attempt state.
 
     A success is money received: it is recorded whatever the attempt's state (a late
-    callback after EXPIRED or FAILED) and whatever the invoice's state."""
+    callback after EXPIRED or FAILED) and whatever the invoice's state. A success reported
+    for another phone than the one prompted settles nothing: callbacks are unsigned, and the
+    prompt only ever goes to the invoice's customer."""
     if result.result_code == 0:
+        if result.payer and prompted_phone and result.payer != prompted_phone:
+            return Settlement(PaymentStatus.SUCCESS, InvoiceEffect.PAYER_MISMATCH)
         if invoice.status is InvoiceStatus.CANCELLED:
             return Settlement(PaymentStatus.SUCCESS, InvoiceEffect.PAID_AFTER_CANCEL)
         if invoice.status is InvoiceStatus.PAID:

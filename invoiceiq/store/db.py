@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import re
 import sqlite3
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -158,6 +159,14 @@ class GroupCommitWriter:
         self._closed = False
         self.commits = 0
         self.last_error: str | None = None
+        self.failed_at: float | None = None
+        self.failure: str | None = None  # the last failure, kept after later successes
+
+    def failed_recently(self, within_s: float) -> str | None:
+        """The last failed group's error if it failed less than ``within_s`` ago."""
+        if self.failed_at is None or time.monotonic() - self.failed_at > within_s:
+            return None
+        return self.failure
 
     async def submit(self, job: Job[T]) -> T:
         if self._closed:
@@ -210,6 +219,10 @@ class GroupCommitWriter:
                 raw.execute("RELEASE job")
             except Exception as exc:  # noqa: BLE001 - the job's caller receives it
                 outcomes.append((False, exc))
+                if _is_connection_error(exc):
+                    # The database, not the job (a full disk fails the biggest writes first).
+                    self.last_error = self.failure = f"{type(exc).__name__}: {exc}"
+                    self.failed_at = time.monotonic()
                 try:
                     raw.execute("ROLLBACK TO job")
                     raw.execute("RELEASE job")
@@ -243,7 +256,8 @@ class GroupCommitWriter:
             pass
 
     def _fail_all(self, batch: list[tuple[Job[Any], asyncio.Future[Any]]], exc: BaseException) -> None:
-        self.last_error = f"{type(exc).__name__}: {exc}"
+        self.last_error = self.failure = f"{type(exc).__name__}: {exc}"
+        self.failed_at = time.monotonic()
         log.error("db_write_failed", error=self.last_error, jobs=len(batch))
         for _, future in batch:
             if not future.done():
@@ -347,9 +361,10 @@ class Database:
         if self._writer is not None:
             await self._writer.run()
 
-    @property
-    def writer_error(self) -> str | None:
-        return self._writer.last_error if self._writer is not None else None
+    def writer_failed_recently(self, within_s: float = 15.0) -> str | None:
+        """A real write failed lately (SQLite): a readiness probe's tiny write may still fit on
+        a full disk, so the writer's own recent failures count too."""
+        return self._writer.failed_recently(within_s) if self._writer is not None else None
 
     # -- jobs --------------------------------------------------------------------------------
 

@@ -135,6 +135,7 @@ def idempotency_key() -> tuple[str | None, Response | None]:
         return None, None
     key = key.strip()
     if not 1 <= len(key) <= 255 or not key.isprintable():
+        log.warning("api_request_refused", route=request.path, status=400, reason="malformed Idempotency-Key")
         return None, error(400, "Idempotency-Key must be 1-255 printable characters")
     return key, None
 

@@ -8,6 +8,7 @@ from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException
 
 from ..observability import get_logger
+from ..store import StoreError
 from . import api, health
 from .common import error
 from .context import Services
@@ -48,6 +49,12 @@ def create_app(svc: Services) -> Quart:
             log.warning("request_too_large", route=_rule(), limit=limit)
             return error(413, f"request body over {limit} bytes")
         return error(code, exc.name.lower() if exc.name else "error")
+
+    @app.errorhandler(StoreError)
+    async def _store_down(exc: StoreError) -> Response:
+        # The database cannot answer now: 503 so that a provider (or a client) retries later.
+        log.error("request_store_unavailable", route=_rule(), method=request.method)
+        return error(503, "storage unavailable, retry later")
 
     @app.errorhandler(Exception)
     async def _crash(exc: Exception) -> Response:

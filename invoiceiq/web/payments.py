@@ -97,6 +97,7 @@ async def initiate() -> Response:
     if bad is not None:
         return bad
     if key is None:
+        log.warning("api_request_refused", route=request.path, status=400, reason="no Idempotency-Key")
         return error(400, "an Idempotency-Key header is required")
     body, bad = await read_json_object()
     if bad is not None:
