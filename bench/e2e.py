@@ -123,6 +123,7 @@ def daemon_env(database_url: str, port: int, sim_base: str, **extra: str) -> dic
         "INVOICEIQ_WHATSAPP_API_BASE": f"{sim_base}/graph/v25.0",
         "SMS_USERNAME": sim.at_username,
         "SMS_API_KEY": sim.at_api_key,
+        "SMS_CALLBACK_TOKEN": "bench-sms-callback-token-0123",
         "INVOICEIQ_SMS_API_BASE": f"{sim_base}/at",
         "MPESA_CONSUMER_KEY": sim.daraja_consumer_key,
         "MPESA_CONSUMER_SECRET": sim.daraja_consumer_secret,

@@ -238,6 +238,7 @@ def daemon_env(database_url: str, port: int, sink_port: int, **extra: str) -> di
         "INVOICEIQ_WHATSAPP_API_BASE": f"{sink}/v25.0",
         "SMS_USERNAME": "invoiceiq",
         "SMS_API_KEY": "at-api-key-for-tests",
+        "SMS_CALLBACK_TOKEN": "bench-sms-callback-token-0123",
         "INVOICEIQ_SMS_API_BASE": sink,
         "MPESA_CONSUMER_KEY": "ck-test",
         "MPESA_CONSUMER_SECRET": "cs-test",

@@ -197,7 +197,7 @@ def _reconcile(settings: Settings, invoice_ref: str | None) -> int:
         async with make_client() as http:
             # The daemon's token, shared through the database: minting our own would revoke it.
             daraja = DarajaClient(http, m.api_base, m.consumer_key, m.consumer_secret, m.shortcode, m.passkey,
-                                  now=clock.now_ms, shared=meta.SharedToken(store, "daraja_token"))
+                                  now=clock.now_ms, shared=meta.SharedToken(store, "daraja_token", clock.now_ms))
             actor = PaymentActor(store=store, settings=settings, clock=clock, metrics=Metrics(), daraja=daraja,
                                  wake_outbox=lambda: None, callback_url=callback_url)
             print(f"checking {len(attempts)} unresolved STK attempt{'s' if len(attempts) != 1 else ''}")

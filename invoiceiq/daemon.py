@@ -266,7 +266,7 @@ class Daemon:
             tg_supervisor.start(f"registry:{name}", registry.run)
         m = s.mpesa
         daraja = (DarajaClient(http, m.api_base, m.consumer_key, m.consumer_secret, m.shortcode, m.passkey,
-                               now=self.clock.now_ms, shared=meta.SharedToken(self.store, "daraja_token"))
+                               now=self.clock.now_ms, shared=meta.SharedToken(self.store, "daraja_token", self.clock.now_ms))
                   if m.consumer_key and m.consumer_secret and m.shortcode and m.passkey else None)
         if daraja is None:
             log.warning("channel_not_configured", channel="mpesa",

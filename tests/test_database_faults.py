@@ -373,10 +373,6 @@ async def test_the_internal_api_and_the_pay_page_answer_503_during_an_outage(sma
         assert answers == {k: 503 for k in answers}, answers
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: web/paylink.py show()/pay() call _load() -> store.read without catching StoreError, and web/api.py "
-    "routes do the same: while PostgreSQL is unreachable the pay page (GET and POST) and the internal API answer "
-    "500 'internal error' instead of 503. Suggested fix: one app-level errorhandler(StoreError) answering 503"))
 async def test_the_pay_page_and_the_api_answer_503_while_postgresql_is_unreachable(
         pg_behind_proxy: tuple[str, Proxy]) -> None:
     url, proxy = pg_behind_proxy

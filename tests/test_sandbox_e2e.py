@@ -622,8 +622,13 @@ def test_no_answer_is_queried_then_expired_then_a_new_tap_works(retry_sandbox: S
     assert time.monotonic() - started >= 5, "expired before mpesa.expire_after_s"
     asked = queries()
     assert len(asked) >= 2 and all(q["status"] == 500 for q in asked), asked
-    # The daemon said nothing to the customer meanwhile (no callback, no result).
-    assert [m["text"] for m in sb.business(customer)][-1] == prompt_sent(invoice_id, 800, customer)
+    # Meanwhile the daemon said nothing (no callback, no result); once the attempt expired it
+    # told the customer, in plain words, with a Pay button.
+    said = [m["text"] for m in sb.business(customer)]
+    expired = (f"The M-PESA prompt for Invoice #{invoice_id} (KES 800) expired.\n"
+               "Tap Pay with M-PESA to try again.")
+    sb.wait(lambda: [m["text"] for m in sb.business(customer)][-1] == expired, "the expiry message", timeout=5)
+    assert prompt_sent(invoice_id, 800, customer) in said
 
     # Once the phone has dropped the unanswered prompt, a new tap gets a new prompt and pays.
     sb.wait(lambda: any(e["kind"] == "stk.no_callback" and checkout in e["summary"] for e in sb.events()),

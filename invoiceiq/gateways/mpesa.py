@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
@@ -134,11 +134,11 @@ class TokenStore(Protocol):
     """Where several processes share one Daraja token: minting a new token revokes the
     previous one, so instances that each kept their own would keep revoking each other's."""
 
-    async def load(self) -> tuple[str, int] | None:
-        """The shared token and when to refresh it (epoch ms), if any."""
+    async def exchange(self, refused: str | None,
+                       mint: Callable[[], Awaitable[tuple[str, int]]]) -> tuple[str, int]:
+        """The shared token (and when to refresh it, epoch ms) unless it is ``refused`` or
+        stale; else ``mint()`` one and share it. One process mints at a time."""
         ...
-
-    async def save(self, token: str, refresh_at_ms: int) -> None: ...
 
 
 class DarajaClient:
@@ -344,17 +344,16 @@ class DarajaClient:
 
     async def _shared_or_new_token(self) -> _Token:
         """Another process may have minted a token (revoking ours): use it if it is fresh and
-        not the one just refused; else mint one and share it."""
-        if self._shared is not None:
-            found = await self._shared.load()
-            if found is not None:
-                value, refresh_at = found
-                if value != self._revoked and self._now() < refresh_at:
-                    return _Token(value=value, refresh_at_ms=refresh_at)
-        token = await self._fetch_token()
-        if self._shared is not None:
-            await self._shared.save(token.value, token.refresh_at_ms)
-        return token
+        not the one just refused; else mint one and share it (one process at a time)."""
+        if self._shared is None:
+            return await self._fetch_token()
+
+        async def mint() -> tuple[str, int]:
+            token = await self._fetch_token()
+            return token.value, token.refresh_at_ms
+
+        value, refresh_at = await self._shared.exchange(self._revoked, mint)
+        return _Token(value=value, refresh_at_ms=refresh_at)
 
     async def _fetch_token(self) -> _Token:
         response = await request(
