@@ -388,10 +388,15 @@ class Daemon:
         if interval is None:
             return
         while not self._shutdown.is_set():
-            # Liveness, not readiness: the event loop answers and the actors run. A database
-            # outage is reported by /readyz and waited out; a restart would not cure it.
-            if self.supervisor is not None and not self.supervisor.failing():
-                self.notifier.watchdog()
+            # Liveness, not actor health. This task lives in the supervisor's task group, so a
+            # ping means the event loop is turning and that group is alive; a wedged loop or a
+            # dead group stops the pings and systemd restarts us, which is what a restart cures.
+            # Crashing actors are deliberately NOT a reason to skip a ping: the Supervisor
+            # restarts them with a backoff of up to 30 s (as long as WatchdogSec=), so a minute
+            # of database outage would otherwise get a healthy daemon killed in a loop for
+            # nothing. /readyz already answers 503 naming the failing actors; a restart would
+            # not bring the database back.
+            self.notifier.watchdog()
             await anyio.sleep(interval)
 
 

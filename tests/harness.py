@@ -12,15 +12,17 @@ import hashlib
 import hmac
 import itertools
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 from urllib.parse import parse_qs
 
 import anyio
 import httpx
 import respx
+from jsonschema import Draft202012Validator
 
 from invoiceiq.clock import Clock
 from invoiceiq.config import Settings, load_settings
@@ -42,6 +44,16 @@ SMS_TOKEN = "sms-callback-token-for-tests"
 # requires sms.callback_token, since AT signs nothing).
 SMS_INBOUND = f"/sms/inbound?token={SMS_TOKEN}"
 SMS_STATUS = f"/sms/status?token={SMS_TOKEN}"
+
+# Meta's own JSON Schema for the body of POST /{phone-number-id}/messages (see its README).
+META_SEND_SCHEMA = Draft202012Validator(json.loads(
+    (Path(__file__).resolve().parent / "fixtures" / "providers" / "meta-openapi" / "send_message.schema.json")
+    .read_text()))
+
+
+def meta_schema_problems(body: Any) -> list[str]:
+    """Why Meta's schema would reject this Graph API /messages body (empty if it would not)."""
+    return [f"{err.json_path}: {err.message} in {json.dumps(body)[:300]}" for err in META_SEND_SCHEMA.iter_errors(body)]
 
 
 def base_env(database_url: str, **extra: str) -> dict[str, str]:
@@ -165,7 +177,12 @@ def stk_callback(checkout: str, code: int = 0, *, amount: Any = None, receipt: s
 
 @dataclass
 class FakeProviders:
-    """The Graph API and Africa's Talking as the daemon sees them, recording every send."""
+    """The Graph API and Africa's Talking as the daemon sees them, recording every send.
+
+    Every body POSTed to the Graph API's /messages is checked against Meta's schema, whatever
+    the answer (subclasses may script their own): problems go to ``schema_problems`` and
+    ``running_daemon`` fails the test with them on the way out. A test that sends bad bodies
+    on purpose sets ``check_schema=False``."""
 
     sent: list[Sent] = field(default_factory=list)
     # Per channel, a queue of canned failures: each entry is (status_code, json_or_text, headers).
@@ -175,16 +192,22 @@ class FakeProviders:
     requests: list[httpx.Request] = field(default_factory=list)
     daraja: FakeDaraja = field(default_factory=FakeDaraja)
     extra_routes: list[Callable[[respx.Router], None]] = field(default_factory=list)
+    check_schema: bool = True
+    schema_problems: list[str] = field(default_factory=list)
     _ids: Any = field(default_factory=lambda: itertools.count(1))
 
     def router(self) -> respx.Router:
         router = respx.Router(assert_all_called=False, assert_all_mocked=True)
-        router.post(url__regex=rf"^{GRAPH}/{PHONE_ID}/messages$").mock(side_effect=self._graph)
+        router.post(url__regex=rf"^{GRAPH}/{PHONE_ID}/messages$").mock(side_effect=self._checked_graph)
         router.post(f"{AT_BASE}/version1/messaging").mock(side_effect=self._sms)
         self.daraja.install(router)
         for add in self.extra_routes:
             add(router)
         return router
+
+    def _checked_graph(self, request: httpx.Request) -> httpx.Response:
+        self.schema_problems.extend(meta_schema_problems(json.loads(request.content)))
+        return self._graph(request)
 
     def _graph(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(request)
@@ -325,6 +348,34 @@ class Handle:
                 await anyio.sleep(0.01)
 
 
+T = TypeVar("T")
+
+
+@asynccontextmanager
+async def serving(daemon: Daemon) -> AsyncIterator[httpx.AsyncClient]:
+    """Run ``daemon`` in-process until the block ends; a client on its loopback port."""
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(daemon.run)
+        with anyio.fail_after(15):
+            await daemon.ready.wait()
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{daemon.bound_port}", timeout=10) as client:
+            try:
+                yield client
+            finally:
+                daemon.request_shutdown()
+
+
+async def until(check: Callable[[], Awaitable[T | None]], what: str, timeout: float = 10.0) -> T:
+    """Poll ``check`` until it returns something true (returned); fail naming ``what`` at the deadline."""
+    try:
+        with anyio.fail_after(timeout):
+            while not (result := await check()):
+                await anyio.sleep(0.01)
+            return result
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
+
+
 @asynccontextmanager
 async def running_daemon(settings: Settings, *, providers: FakeProviders | None = None, clock: Clock | None = None,
                          idle_s: float = 30.0) -> AsyncIterator[Handle]:
@@ -332,13 +383,9 @@ async def running_daemon(settings: Settings, *, providers: FakeProviders | None 
     router = providers.router()
     http = httpx.AsyncClient(transport=httpx.MockTransport(router.async_handler))
     daemon = Daemon(settings, clock=clock, http=http, idle_s=idle_s)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(daemon.run)
-        with anyio.fail_after(15):
-            await daemon.ready.wait()
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{daemon.bound_port}", timeout=10) as client:
-            try:
-                yield Handle(daemon, client, providers)
-            finally:
-                daemon.request_shutdown()
+    async with serving(daemon) as client:
+        yield Handle(daemon, client, providers)
     await http.aclose()
+    if providers.check_schema:
+        assert not providers.schema_problems, ("Graph API request bodies Meta's schema rejects:\n"
+                                               + "\n".join(providers.schema_problems))

@@ -11,7 +11,7 @@ real HTTP through ``INVOICEIQ_*_API_BASE``, exactly as it reaches Meta and Safar
 * SIGTERM while a send is held by a slow provider: the send finishes within
   ``server.shutdown_grace_s`` and is recorded SENT, the process exits 0 inside the grace
   period, and the next process does not send it again.
-* The same with a slow client holding an HTTP request as well (a known bug: two grace periods).
+* The same with a slow client holding an HTTP request as well: one deadline for both.
 * The M-PESA callback URL a restart must keep answering: a generated secret that Safaricom
   would accept, and a configured ``mpesa.callback_url`` that actually receives callbacks.
 

@@ -7,6 +7,12 @@ SMS, paid by an SMS ``PAY`` reply; delivery statuses; a failed login on the inte
 callback at a wrong secret and a wrong verify token. Everything logged (every logger, every
 level, DEBUG included, through the daemon's JSON formatter as production writes it) and every
 column of every row of every table is then scanned.
+
+The secrets looked for are every secret setting, the generated callback secret, the Daraja
+basic-auth header and STK password, and the Daraja access tokens the fake Daraja minted. Two
+stored rows are allowed to hold one (``ALLOWED_SECRET_ROWS``): ``meta.mpesa_callback_secret``
+and ``meta.daraja_token``; a secret anywhere else — a log line, ``message_log``, ``outbox``,
+an ``inbox`` payload — fails.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import json
 import logging
 import re
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -29,6 +35,7 @@ from harness import (
     DARAJA,
     GRAPH,
     PUBLIC_URL,
+    FakeDaraja,
     FakeProviders,
     Handle,
     inbound_button,
@@ -115,8 +122,24 @@ def everything() -> Iterator[Everything]:
 
 
 @dataclass
+class MintingDaraja(FakeDaraja):
+    """The harness's fake Daraja, minting access tokens that look like Daraja's (28 letters and
+    digits) and recording them, so that the scans can look for the tokens actually minted."""
+
+    minted: list[str] = field(default_factory=list)
+
+    def _oauth(self, request: httpx.Request) -> httpx.Response:
+        self.token_requests += 1
+        token = f"c9SQxWWhmdVRlyh0zh8gZDTk{self.token_requests:04d}"
+        self.minted.append(token)
+        return httpx.Response(200, json={"access_token": token, "expires_in": "3599"})
+
+
+@dataclass
 class Providers(FakeProviders):
     """The harness's fakes, checking the WhatsApp token this test configures."""
+
+    daraja: FakeDaraja = field(default_factory=MintingDaraja)
 
     def _graph(self, request: httpx.Request) -> httpx.Response:
         assert request.headers["Authorization"] == f"Bearer {SECRETS['WABA_TOKEN']}"
@@ -214,7 +237,35 @@ def secret_values(h: Handle, clock: ManualClock) -> dict[str, str]:
     basic = base64.b64encode(f"{SECRETS['MPESA_CONSUMER_KEY']}:{SECRETS['MPESA_CONSUMER_SECRET']}".encode()).decode()
     values["Daraja basic auth"] = basic
     values["STK password"] = mpesa.password("174379", SECRETS["MPESA_PASSKEY"], mpesa.timestamp(clock.now_ms()))
+    minted = daraja_tokens(h)
+    assert minted, "the flow made STK pushes, so the fake Daraja minted an access token"
+    for n, token in enumerate(minted, 1):
+        values[daraja_token_name(n)] = token
     return {k: v for k, v in values.items() if len(v) >= 4}
+
+
+def daraja_tokens(h: Handle) -> list[str]:
+    daraja = h.providers.daraja
+    assert isinstance(daraja, MintingDaraja)
+    return list(daraja.minted)
+
+
+def daraja_token_name(n: int) -> str:
+    return f"Daraja access token #{n}"
+
+
+# The stored rows where a secret is expected, each the one place for its secret; the same secret
+# anywhere else (message_log, outbox, inbox payloads, another meta row...) fails the scan.
+ALLOWED_SECRET_ROWS = {
+    # Generated once and kept so that every process, and every restart, answers at the same URL.
+    ("meta", "mpesa_callback_secret"): "the generated callback secret",
+    # Daraja's access token, a short-lived bearer (expires in ~1 hour, refreshed 5 minutes early),
+    # shared by every instance through the database because Daraja revokes the previous token
+    # whenever one is minted: instances must not each mint their own (store/meta.py SharedToken).
+    # Stored as "<token> <refresh_at_ms>". Its expiry bounds the harm of a database copy; the
+    # database is protected as a secret store all the same (docs/security.md §3).
+    ("meta", "daraja_token"): "the Daraja access token in use",
+}
 
 
 def daemon_lines(h: Handle, everything: Everything) -> list[str]:
@@ -249,18 +300,26 @@ async def test_no_secret_in_any_stored_row(flow: tuple[Handle, Everything, Manua
     h, _, clock = flow
     tables = await all_rows(h)
     secret = str(h.daemon.callback_secret)
-    found: list[tuple[str, str, str]] = []
+    found: list[tuple[str, str, str, str]] = []  # (table, meta key or "", column, which secret)
     for table, table_rows in tables.items():
         for row in table_rows:
+            key = str(row.get("key", "")) if table == "meta" else ""
             for column, value in row.items():
                 text = json.dumps(value, default=str) if not isinstance(value, str) else value
                 for name, needle in secret_values(h, clock).items():
                     if needle in text:
-                        found.append((table, column, name))
-    # The generated callback secret lives in its own row of meta, and nowhere else.
-    assert found == [("meta", "value", "the generated callback secret")], found
-    (stored,) = [r for r in tables["meta"] if r["key"] == "mpesa_callback_secret"]
-    assert stored["value"] == secret
+                        found.append((table, key, column, name))
+    # Each stored secret is in its own allow-listed meta row (ALLOWED_SECRET_ROWS), and nowhere else:
+    # the generated callback secret, and the Daraja access token in use (the last one minted).
+    minted = daraja_tokens(h)
+    expected = [("meta", "daraja_token", "value", daraja_token_name(len(minted))),
+                ("meta", "mpesa_callback_secret", "value", "the generated callback secret")]
+    assert sorted(found) == expected, found
+    assert {(t, k) for t, k, *_ in found} == set(ALLOWED_SECRET_ROWS)
+    stored = {r["key"]: r["value"] for r in tables["meta"]}
+    assert stored["mpesa_callback_secret"] == secret
+    token, _, refresh_at = stored["daraja_token"].rpartition(" ")
+    assert token == minted[-1] and refresh_at.isdigit(), stored["daraja_token"]
 
 
 async def test_phone_numbers_are_stored_only_where_needed(flow: tuple[Handle, Everything, ManualClock]) -> None:

@@ -7,17 +7,27 @@ are answered 200 and processed exactly once.
 
 How the faults are made, and why these ways:
 
+* SQLite, the writer's I/O fails (always runs, needs no privilege): the running daemon's
+  ``GroupCommitWriter`` gets its connection wrapped so that, while a flag is set, COMMIT raises
+  ``sqlite3.OperationalError("disk I/O error")`` (SQLITE_IOERR: the group's fsync failed), or
+  every row-changing statement of the jobs raises "attempt to write a readonly database"
+  (SQLITE_READONLY). These are the errors SQLite itself raises, raised at the places it raises
+  them, through the daemon's real write path; clearing the flag ends the fault. This is the
+  SQLite fault test CI always runs.
 * SQLite, disk full: the database lives on a small tmpfs of its own, filled up with a file.
   SQLite then fails the next write (``SQLITE_FULL``, "database or disk is full"); deleting the
-  file ends the fault. This needs the right to mount (root in a container); without it the test
-  is skipped with that reason.
-* SQLite, file made read-only: ``chmod`` on the database, its -wal/-shm files and the directory
-  does NOT make SQLite refuse writes on a connection that is already open — the daemon writes
-  through descriptors it opened read-write (in WAL mode no new file is created per
-  transaction), and root ignores file modes anyway. ``test_a_read_only_sqlite_file_is_still_
-  written_through_the_open_connection`` pins that: nothing is refused and nothing is lost; the
-  read-only file only bites at the next start. ``PRAGMA query_only`` would be a connection
-  setting, not the file, so it is not used.
+  file ends the fault. This needs the right to mount (root in a container); without it these
+  tests are skipped with that reason (the injected faults above still run).
+* SQLite, file made read-only: NOT a fault for the running daemon, so it is not used to make
+  one. ``chmod`` on the database, its -wal/-shm files and the directory is checked by the
+  kernel only when a file is *opened*; the daemon's writer opened them read-write at start and
+  keeps those descriptors, and in WAL mode a transaction creates no new file (the -wal and -shm
+  files stay open and are reused), so every later write goes through as before. Root ignores
+  file modes anyway. ``test_a_read_only_sqlite_file_is_still_written_through_the_open_
+  connection`` pins that: nothing is refused, nothing is lost, ``/readyz`` stays 200; the
+  read-only file only bites a process that opens it afterwards (the next start, for a user
+  other than root). ``PRAGMA query_only`` would be a connection setting, not the file, so it
+  is not used either.
 * PostgreSQL, server unreachable: the shared test server is never stopped (other tests use it).
   The daemon reaches its own schema through a TCP proxy this test runs; cutting the proxy drops
   the daemon's connections and refuses new ones, exactly what a stopped or unreachable server
@@ -28,7 +38,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import sqlite3
 import stat
 import subprocess
 from collections.abc import AsyncIterator
@@ -58,6 +68,7 @@ from harness import (
     stk_callback,
 )
 from invoiceiq.store import Tx
+from invoiceiq.store.db import GroupCommitWriter, SqliteTx
 
 pytestmark = pytest.mark.anyio
 
@@ -254,12 +265,116 @@ async def test_a_read_only_sqlite_file_is_still_written_through_the_open_connect
             path.chmod(0o555 if path.is_dir() else 0o444)
         try:
             # Not refused: the answers are 200 and truthful (the events are durably stored).
+            # File modes are checked at open(); the writer's descriptors were opened read-write
+            # at start and WAL reuses its -wal/-shm files, so the open connection still writes.
             await after_fault(h, hooks)
             assert (await readyz(h)).status_code == 200
         finally:
             for path, mode in modes.items():
                 path.chmod(mode)
     print(f"\nread-only SQLite file while running: writes still accepted (running as uid {os.getuid()})")
+
+
+# -- SQLite: the writer's I/O fails (needs no privilege: always runs) -----------------------------
+
+
+class WriteFault:
+    """A switch for ``FaultyConnection``: while ``message`` is set, the chosen statements raise
+    ``sqlite3.OperationalError(message)``, which is what SQLite raises for an I/O error or a
+    database it may no longer write."""
+
+    def __init__(self) -> None:
+        self.message: str | None = None
+        self.hits = 0
+
+
+class FaultyConnection:
+    """The daemon's own writer connection with faults injected on demand; everything else
+    (reads, savepoints, ROLLBACK, close) goes through to the real ``sqlite3.Connection``.
+
+    ``at="commit"`` fails COMMIT (and BEGIN IMMEDIATE): the jobs ran, their fsync did not
+    happen, the whole group is rolled back — SQLITE_IOERR on a dying disk. ``at="statement"``
+    fails every statement that changes a row, inside the jobs: a database that can be read but
+    not written (SQLITE_READONLY)."""
+
+    _WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE")
+
+    def __init__(self, raw: sqlite3.Connection, fault: WriteFault, at: str) -> None:
+        self._raw = raw
+        self._fault = fault
+        self._at = at
+
+    def _fails(self, sql: str) -> bool:
+        if self._fault.message is None:
+            return False
+        verb = sql.lstrip().split(None, 1)[0].upper() if sql.strip() else ""
+        if self._at == "commit":
+            return verb == "COMMIT" or sql.strip().upper() == "BEGIN IMMEDIATE"
+        return verb in self._WRITES
+
+    def execute(self, sql: str, params: Any = ()) -> sqlite3.Cursor:
+        if self._fails(sql):
+            self._fault.hits += 1
+            raise sqlite3.OperationalError(self._fault.message)
+        return self._raw.execute(sql, params)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._raw, name)
+
+
+def inject(h: Handle, monkeypatch: pytest.MonkeyPatch, at: str) -> WriteFault:
+    """Put a ``FaultyConnection`` under the running daemon's GroupCommitWriter (its COMMIT goes
+    through ``writer._raw``; the jobs' statements through ``writer._tx``)."""
+    writer = h.store.db._writer
+    assert isinstance(writer, GroupCommitWriter), "the SQLite store writes through one GroupCommitWriter"
+    fault = WriteFault()
+    faulty = FaultyConnection(writer._raw, fault, at)
+    monkeypatch.setattr(writer, "_raw", faulty)
+    monkeypatch.setattr(writer, "_tx", SqliteTx(faulty))  # type: ignore[arg-type]
+    return fault
+
+
+@pytest.mark.parametrize(("at", "message"), [
+    ("commit", "disk I/O error"),
+    ("statement", "attempt to write a readonly database"),
+])
+async def test_sqlite_write_failures_answer_503_then_resume_by_themselves(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, at: str, message: str) -> None:
+    """The SQLite fault test that runs everywhere (no tmpfs, no root): the running daemon's
+    writer raises SQLite's own errors while a flag is set. Every webhook is 503 (never 200 for
+    an event that was not stored), ``/readyz`` is 503 naming the database; the flag cleared,
+    ``/readyz`` is 200 again without a restart and the providers' retries are stored once and
+    answered (the customer and the SMS sender get their replies, both receipts go out once)."""
+    settings = make_settings(f"sqlite:///{tmp_path / 'invoiceiq.db'}")
+    async with running_daemon(settings, providers=FakeProviders()) as h:
+        checkout = await invoice_with_attempt(h)
+        hooks = webhooks(checkout, h.providers.sent[0].message_id)
+        fault = inject(h, monkeypatch, at)
+        assert (await readyz(h)).status_code == 200  # the wrapper alone changes nothing
+        sent_before = len(h.providers.sent)
+        fault.message = message
+        try:
+            answers = await during_fault(h, hooks)
+            assert answers == {name: 503 for name, *_ in hooks}, answers
+            ready = await readyz(h)
+            assert ready.status_code == 503, ready.text
+            assert message in ready.json()["checks"]["database"], ready.text
+            # Nothing of them was stored, and nothing was answered.
+            assert not await rows(h, "SELECT seq FROM inbox WHERE LOWER(event_id) LIKE :p", {"p": "%dbfault%"})
+            assert not await rows(h, "SELECT status FROM invoices WHERE status = 'PAID'")
+            assert fault.hits > 0
+        finally:
+            fault.message = None
+        # By itself, no restart: the probe's write commits again and, 15 s after the last failed
+        # group, the writer's recent failure stops counting (Store.check, writer_failed_recently).
+        await ready_again(h)
+        hits = fault.hits
+        await after_fault(h, hooks)
+        assert fault.hits == hits  # the recovery ran through the same (now healthy) writer
+        # The customer's WhatsApp question was answered after its retry, exactly once.
+        replies = [s for s in h.providers.sent[sent_before:] if s.to == CUSTOMER and not s.text.startswith("Paid ✔")]
+        assert len(replies) == 1, [s.text for s in replies]
+        assert h.daemon.supervisor is not None and h.daemon.supervisor.failing() == []
 
 
 # -- PostgreSQL: the server unreachable ------------------------------------------------------------

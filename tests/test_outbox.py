@@ -32,6 +32,7 @@ import httpx
 import pytest
 
 from harness import (
+    until,
     ADMIN_TOKEN,
     CUSTOMER,
     MERCHANT,
@@ -163,14 +164,6 @@ async def h(database_url: str, providers: Scripted, clock: ManualClock) -> Async
         yield handle
 
 
-async def until(check: Callable[[], Awaitable[T | None]], what: str, timeout: float = 5.0) -> T:
-    try:
-        with anyio.fail_after(timeout):
-            while not (result := await check()):
-                await anyio.sleep(0.01)
-            return result
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
 
 
 async def q(h: Handle, sql: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:

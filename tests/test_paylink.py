@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from harness import (
+    until,
     ADMIN_TOKEN,
     CUSTOMER,
     MERCHANT,
@@ -64,14 +65,6 @@ async def h(database_url: str, providers: FakeProviders) -> AsyncIterator[Handle
         yield handle
 
 
-async def until(check: Callable[[], Awaitable[T | None]], what: str, timeout: float = 5.0) -> T:
-    try:
-        with anyio.fail_after(timeout):
-            while not (result := await check()):
-                await anyio.sleep(0.01)
-            return result
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
 
 
 async def count(h: Handle, sql: str, params: dict[str, Any] | None = None) -> int:
@@ -401,3 +394,28 @@ async def test_after_a_cancelled_prompt_the_page_stops_saying_a_prompt_is_on_its
 
 async def _attempt_over(h: Handle) -> bool:
     return await count(h, "SELECT COUNT(*) FROM payments WHERE status = 'FAILED'") == 1
+
+
+async def test_a_retry_within_the_phones_minute_is_refused_on_the_page_with_the_reason(
+        h: Handle, providers: FakeProviders) -> None:
+    """Daraja locks a phone for about a minute after a prompt: the page says so instead of
+    showing "Sending the M-PESA prompt…" for a prompt that will never come."""
+    invoice = await new_invoice(h)
+    token = token_of(invoice)
+    _, cookie, field = await open_page(h, token)
+    assert (await post_pay(h, token, cookie=cookie, field=field)).status_code == 303
+    await until(lambda: _pushes(providers, 1), "the STK push")
+    assert (await h.callback(stk_callback(providers.daraja.pushes[0]["_checkout"], 1032))).status_code == 200
+    await until(lambda: _attempt_over(h), "the attempt to be resolved")
+    await settle(h)
+    _, cookie, field = await open_page(h, token)
+    response = await post_pay(h, token, cookie=cookie, field=field)
+    assert response.status_code == 303
+    assert response.headers["location"] == f"/p/{token}?refused=too_soon"
+    page, _, field_after = await open_page(h, token, "?refused=too_soon")
+    assert ("Please wait a minute before asking for another M-PESA prompt for Invoice #1001 (KES 2,500)."
+            in page.text.replace("&#x27;", "'")), page.text
+    assert "Sending the M-PESA prompt" not in page.text and field_after is not None
+    await settle(h)
+    assert len(providers.daraja.pushes) == 1
+    assert await count(h, "SELECT COUNT(*) FROM inbox WHERE source = 'paylink'") == 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy as copylib
 import json
+import logging
 import re
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -35,6 +36,7 @@ from harness import (
     running_daemon,
     stk_callback,
 )
+from invoiceiq.observability import JsonFormatter
 from invoiceiq.clock import ManualClock
 from invoiceiq.store import Tx
 
@@ -340,6 +342,44 @@ async def test_one_line_invoice_tap_push_callback_paid_one_receipt_each(h: Handl
     assert [(a["status"], a["mpesa_receipt"]) for a in await attempts(h)] == [("SUCCESS", "TKQ4ABC12D")]
     assert await metric(h, "invoiceiq_invoices_paid_total") == paid_before + 1
     assert len(h.providers.daraja.pushes) == 1
+
+
+async def test_time_to_pay_is_observed_and_every_payment_event_is_logged(h: Handle, clock: ManualClock) -> None:
+    """Brief sections 12 and 14: the time-to-pay histogram (payment time minus sent time) and one
+    log line per payment event, with the invoice id and without the phone number in clear."""
+    records: list[logging.LogRecord] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Capture(logging.INFO)
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        count_before = await metric(h, "invoiceiq_time_to_pay_seconds_count")
+        sum_before = await metric(h, "invoiceiq_time_to_pay_seconds_sum")
+        await new_invoice(h)
+        clock.advance(90_000)  # the customer pays a minute and a half after the invoice was sent
+        checkout = await pay_started(h)
+        await post_callback(h, stk_callback(checkout, 0, amount=2500, receipt="TKQ4ABC12D"))
+        await wait_until(h, lambda: receipts(h, CUSTOMER), "the receipt")
+        await settle(h)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+    assert await metric(h, "invoiceiq_time_to_pay_seconds_count") == count_before + 1
+    assert await metric(h, "invoiceiq_time_to_pay_seconds_sum") == sum_before + 90.0
+    events = [getattr(r, "event", None) for r in records]
+    for name in ("pay_requested", "payment_initiated", "payment_accepted", "payment_callback", "payment_resolved"):
+        mine = [r for r in records if getattr(r, "event", None) == name]
+        assert len(mine) == 1, (name, events)
+        assert mine[0].context.get("invoice_id") == "1001", name  # type: ignore[attr-defined]
+    formatter = JsonFormatter()
+    for record in records:
+        assert CUSTOMER not in formatter.format(record), record
 
 
 # -- every callback sample -----------------------------------------------------------------------
@@ -1053,6 +1093,47 @@ async def test_initiate_needs_admin_auth_and_an_idempotency_key_and_starts_one_p
     assert (push["Amount"], str(push["PhoneNumber"])) == (2500, CUSTOMER)
     # The API shows state instead of messaging the customer.
     assert h.providers.texts(CUSTOMER) == [h.providers.to(CUSTOMER)[0].text]
+
+
+async def test_initiate_refuses_what_a_tap_would_refuse_with_a_reason_and_no_push(h: Handle, clock: ManualClock) -> None:
+    """In flight, too soon for the phone, paid, cancelled: the API says so (409/429), no push, no
+    message to the customer; a 429 is not kept under its Idempotency-Key, so the same key works later."""
+    url = "/payments/stk/initiate"
+    await new_invoice(h)
+    await new_invoice(h, "1002", amount="700")
+
+    async def initiate(invoice_id: str, key: str) -> httpx.Response:
+        return await h.client.post(url, json={"invoice_id": invoice_id}, headers={**AUTH, "Idempotency-Key": key})
+
+    assert (await initiate("1001", "a1")).status_code == 202
+    await wait_until(h, lambda: len(h.providers.daraja.pushes) == 1, "the push")
+    await settle(h)
+    told = len(h.providers.to(CUSTOMER))
+    in_flight = await initiate("1001", "a2")
+    assert in_flight.status_code == 409
+    assert in_flight.json()["reason"] == "in_flight"
+    # Another invoice to the same phone within a minute: Daraja would refuse it; so do we.
+    too_soon = await initiate("1002", "b1")
+    assert (too_soon.status_code, too_soon.json()["reason"]) == (429, "too_soon")
+
+    checkout = str(h.providers.daraja.pushes[0]["_checkout"])
+    await post_callback(h, stk_callback(checkout, 0, amount=2500, receipt="TKQ4ABC12D"))
+    await wait_until(h, lambda: receipts(h, CUSTOMER), "the receipt")
+    paid = await initiate("1001", "a3")
+    assert paid.status_code == 409
+    assert (paid.json()["reason"], paid.json()["status"], paid.json()["mpesa_receipt"]) == (
+        "already_paid", "PAID", "TKQ4ABC12D")
+
+    await h.say(MERCHANT, "cancel 1002")
+    await settle(h)
+    clock.advance(MINUTE + 1000)
+    cancelled = await initiate("1002", "b1")  # the key of the 429: given back, so it works again
+    assert (cancelled.status_code, cancelled.json()["reason"]) == (409, "cancelled")
+    await settle(h)
+    assert len(h.providers.daraja.pushes) == 1
+    # The customer heard only the receipt (and the cancellation), never a refusal meant for the API.
+    texts = [s.text for s in h.providers.to(CUSTOMER)[told:]]
+    assert not any("prompt" in t for t in texts), texts
 
 
 # -- restart -------------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ The simulators live in the daemon's process: a restart gives both phones blank s
 new simulated providers know nothing of what the old ones did (pending STK requests, the
 24-hour WhatsApp windows). The restart tests work with that, and say where.
 
-Tests marked xfail(strict=True) are bugs found here; the reason says where and what.
 """
 
 from __future__ import annotations
@@ -48,8 +47,8 @@ T = TypeVar("T")
 DAEMON_ENV = {
     "INVOICEIQ_MODE": "sandbox",
     # Later than the simulated callback (1 s after the PIN, or 250 ms in SIM_FAST_RETRY): a query
-    # that wins the race settles the payment without the M-PESA receipt number (see the xfail
-    # test_lost_callback_...), which the happy paths here must not depend on.
+    # that wins the race settles the payment first and the late callback then brings the
+    # receipt number; the happy paths here should not depend on that race.
     "INVOICEIQ_MPESA_QUERY_AFTER_S": "3",
     "INVOICEIQ_MPESA_EXPIRE_AFTER_S": "6",
     # A retry right after a failed prompt must be allowed by the daemon (default: 60 s apart,

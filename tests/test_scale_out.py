@@ -96,7 +96,7 @@ class FakeProviders:
     ``revoke_previous_tokens``: Daraja as the provider notes describe it (SAF-AUTH FAQ: "each
     request invalidates the previous token"), with ``token_delay_s`` between minting a token and
     answering. Off by default, so that the tests of the inbox, the outbox and the payment rules
-    do not depend on how the instances share a Daraja token (the xfail test below does).
+    do not depend on how the instances share a Daraja token (the token tests below do).
     ``push_gate``: while set to an unset event, a push is recorded but not answered until then.
     ``send_delay_s``: how long a WhatsApp send is held, once recorded, before it is answered;
     ``slow_to``: the same, for the sends to some recipients only.
@@ -749,8 +749,8 @@ async def test_guided_flow_as_a_burst_over_both_instances_is_applied_in_order(
     sent = fake.texts(MERCHANT, mark)
     confirmation = invoice_sent_text(invoice_id, customer)
     assert sent.count(confirmation) == 1 and len(sent) == 6, sent
-    # The confirmation follows the provider's acceptance of the invoice; where it falls among
-    # the flow's answers is the xfail test below.
+    # The confirmation follows the provider's acceptance of the invoice; that it never overtakes
+    # the flow's earlier answers is test_merchant_confirmation_never_overtakes_earlier_replies.
     assert [t for t in sent if t != confirmation] == guided_answers(customer, None, 777, "Window cleaning")
     assert [s.kind for s in fake.to(customer)] == ["template"]
     assert await db.val("SELECT COUNT(*) FROM invoices WHERE msisdn = $1", customer) == 1
@@ -1047,7 +1047,7 @@ async def test_hundred_invoices_created_and_paid_over_both_instances(
           f" most connections per instance {sorted(most.values())}")
 
 
-# -- known bugs ----------------------------------------------------------------------------------
+# -- races between the instances, forced -----------------------------------------------------
 
 
 async def blocked_by(db: Db, pid: int) -> int | None:

@@ -27,6 +27,7 @@ import anyio
 import pytest
 
 from harness import (
+    until,
     SMS_INBOUND,
     SMS_STATUS,
     ADMIN_TOKEN,
@@ -73,14 +74,6 @@ async def h(database_url: str, providers: FakeProviders) -> AsyncIterator[Handle
         yield handle
 
 
-async def until(check: Callable[[], Awaitable[T | None]], what: str, timeout: float = 5.0) -> T:
-    try:
-        with anyio.fail_after(timeout):
-            while not (result := await check()):
-                await anyio.sleep(0.01)
-            return result
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
 
 
 async def q(h: Handle, sql: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:

@@ -9,8 +9,10 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 
+from harness import make_settings, running_daemon
 from invoiceiq.systemd import Notifier, watchdog_interval_s
 
 
@@ -164,3 +166,58 @@ def test_watchdog_interval_defaults_to_the_process_environment(monkeypatch: pyte
     monkeypatch.setenv("WATCHDOG_USEC", "4000000")
     monkeypatch.delenv("WATCHDOG_PID", raising=False)
     assert watchdog_interval_s() == 2.0
+
+
+# -- the daemon's watchdog: liveness of the loop, not health of the actors --------------------------
+
+
+async def _datagrams(sock: socket.socket, count: int, timeout: float, what: str) -> list[bytes]:
+    """The next ``count`` datagrams, read without blocking the event loop the daemon runs on."""
+    got: list[bytes] = []
+    try:
+        with anyio.fail_after(timeout):
+            while len(got) < count:
+                try:
+                    got.append(sock.recv(4096))
+                except BlockingIOError:
+                    await anyio.sleep(0.005)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}; got {got}") from None
+    return got
+
+
+@pytest.mark.anyio
+async def test_watchdog_keeps_pinging_while_an_actor_crash_loops(
+        database_url: str, path_listener: tuple[socket.socket, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # An actor stuck in its restart backoff (a database outage does that to them all) is a
+    # readiness problem, answered by /readyz with a 503; it is no reason for systemd to kill a
+    # daemon whose event loop is fine, so WATCHDOG=1 must keep coming.
+    sock, path = path_listener
+    sock.setblocking(False)
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    monkeypatch.setenv("WATCHDOG_USEC", "100000")  # a ping every 50 ms
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    async with running_daemon(make_settings(database_url)) as h:
+        (first,) = await _datagrams(sock, 1, 5, "READY=1")
+        assert first.startswith(b"READY=1\n")
+        supervisor = h.daemon.supervisor
+        assert supervisor is not None
+
+        async def broken() -> None:
+            raise RuntimeError("database unreachable")
+
+        supervisor.start("doomed", broken)
+        with anyio.fail_after(5):
+            while (r := await h.client.get("/readyz")).status_code != 503:
+                await anyio.sleep(0.01)
+        assert "doomed" in r.json()["checks"]["actors"]
+        while True:  # forget what was sent before the failure was visible
+            try:
+                sock.recv(4096)
+            except BlockingIOError:
+                break
+        pings = await _datagrams(sock, 4, 5, "WATCHDOG=1 while an actor is failing")
+        assert pings == [b"WATCHDOG=1\n"] * 4
+        assert "doomed" in supervisor.failing()
+        assert (await h.client.get("/readyz")).status_code == 503
+        assert (await h.client.get("/healthz")).status_code == 200

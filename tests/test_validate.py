@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import string
+
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from invoiceiq.core.validate import (
@@ -102,6 +104,50 @@ def test_msisdn_never_raises_and_output_is_canonical(text: str) -> None:
     assert out is None or (len(out) == 12 and out[:4] in ("2547", "2541") and out.isdigit())
 
 
+# Rejections, each in every form the accepting property above renders: the validator made any
+# more permissive (a prefix, a country code, a length, a plus) fails one of these.
+
+MOBILE = st.from_regex(r"[17][0-9]{8}", fullmatch=True)  # a Kenyan mobile's 9 national digits
+FORMS = st.sampled_from(["0{}", "{}", "254{}", "+254{}"])
+SEPARATORS = st.sampled_from(["", " ", "-", "."])
+
+
+def render(digits: str, sep: str) -> str:
+    """``digits`` in groups of three joined by ``sep``, as people space phone numbers."""
+    return sep.join(digits[i:i + 3] for i in range(0, len(digits), 3))
+
+
+@given(rest=st.text(alphabet=string.digits, min_size=8, max_size=8), form=FORMS, sep=SEPARATORS)
+def test_msisdn_property_rejects_non_mobile_prefixes(rest: str, form: str, sep: str) -> None:
+    # Only 7xx and 1xx are mobiles: 2xx-6xx are landlines (020 Nairobi), 8xx/9xx premium/toll-free.
+    for first in "02345689":  # every one, each time: widening the rule by one prefix fails at once
+        assert normalize_msisdn(form.format(render(first + rest, sep))) is None, first + rest
+
+
+@given(country=st.from_regex(r"[1-9][0-9]{0,2}", fullmatch=True).filter(lambda cc: cc != "254"),
+       national=MOBILE, plus=st.sampled_from(["+", "", "00"]), sep=SEPARATORS)
+def test_msisdn_property_rejects_other_country_codes(country: str, national: str, plus: str, sep: str) -> None:
+    # A Kenyan-looking mobile behind any other code (+255 Tanzania, +256 Uganda, +1, +44...).
+    assert normalize_msisdn(plus + render(country + national, sep)) is None
+
+
+@settings(max_examples=300)  # cheap, and a permissive length rule may fit one form only
+@given(length=st.sampled_from([8, 11, 13]), form=st.sampled_from(["0{}", "{}", "254{}"]),
+       national=MOBILE, filler=st.text(alphabet=string.digits, min_size=6, max_size=6),
+       plus=st.booleans(), sep=SEPARATORS)
+def test_msisdn_property_rejects_wrong_lengths(length: int, form: str, national: str, filler: str, plus: bool,
+                                               sep: str) -> None:
+    # A real number one digit short or long (8/11/13 digits): accepted forms have 9, 10 or 12.
+    digits = (form.format(national) + filler)[:length]
+    assert normalize_msisdn(("+" if plus else "") + render(digits, sep)) is None
+
+
+@given(national=MOBILE, zero=st.sampled_from(["0", ""]), sep=SEPARATORS)
+def test_msisdn_property_rejects_a_plus_without_254(national: str, zero: str, sep: str) -> None:
+    # "+0712..." and "+712...": a plus promises a country code, and these have none.
+    assert normalize_msisdn("+" + render(zero + national, sep)) is None
+
+
 def test_mask_short_local() -> None:
     assert mask_msisdn("254712345678") == "*********678"
     assert mask_msisdn("12") == "**"
@@ -190,6 +236,66 @@ def test_amount_property(amount: int, grouped: bool, prefix: str) -> None:
     text = prefix + (f"{amount:,}" if grouped else str(amount))
     assert parse_amount_kes(text, MAX) == amount
     assert type(parse_amount_kes(text, MAX)) is int
+
+
+# Rejections as properties, in the renderings the accepting property above uses (with or without
+# thousands commas, with or without a currency prefix or "/-"): each fails if the parser turns
+# permissive about cents, zero, signs, the ceiling or words.
+
+PREFIXES = st.sampled_from(["", "KES ", "Ksh", "ksh. ", "Shs "])
+SUFFIXES = st.sampled_from(["", "/-"])
+
+
+def kes(amount: int, grouped: bool) -> str:
+    return f"{amount:,}" if grouped else str(amount)
+
+
+def rejected(text: str, max_kes: int = MAX) -> ValidationError:
+    with pytest.raises(ValidationError) as info:
+        parse_amount_kes(text, max_kes)
+    assert info.value.field == "amount"
+    return info.value
+
+
+@given(st.integers(min_value=0, max_value=10 * MAX), st.from_regex(r"[0-9]{1,2}", fullmatch=True),
+       st.booleans(), PREFIXES, SUFFIXES)
+def test_amount_property_rejects_cents(amount: int, cents: str, grouped: bool, prefix: str, suffix: str) -> None:
+    # Even ".00" and ".0": M-PESA takes whole shillings; cents also win over "too large".
+    error = rejected(f"{prefix}{kes(amount, grouped)}.{cents}{suffix}")
+    assert error.reason == "whole shillings only, no cents" and not isinstance(error, AmountTooLarge)
+
+
+@given(st.sampled_from(["0", "00", "000", "0,000", "0,000,000"]), PREFIXES, SUFFIXES)
+def test_amount_property_rejects_zero(zero: str, prefix: str, suffix: str) -> None:
+    error = rejected(prefix + zero + suffix)
+    assert error.reason == "must be at least KES 1" and not isinstance(error, AmountTooLarge)
+
+
+@given(st.integers(min_value=0, max_value=10 * MAX), st.booleans(), PREFIXES, SUFFIXES)
+def test_amount_property_rejects_negatives(amount: int, grouped: bool, prefix: str, suffix: str) -> None:
+    error = rejected(f"{prefix}-{kes(amount, grouped)}{suffix}")
+    assert error.reason == "must be at least KES 1" and not isinstance(error, AmountTooLarge)
+
+
+@given(st.integers(min_value=1, max_value=10_000_000), st.integers(min_value=1, max_value=10**15),
+       st.booleans(), PREFIXES, SUFFIXES)
+def test_amount_property_rejects_above_the_maximum(max_kes: int, over: int, grouped: bool, prefix: str,
+                                                   suffix: str) -> None:
+    with pytest.raises(AmountTooLarge) as info:
+        parse_amount_kes(f"{prefix}{kes(max_kes + over, grouped)}{suffix}", max_kes)
+    assert info.value.max_kes == max_kes and info.value.field == "amount"
+    assert f"{max_kes:,}" in info.value.reason
+
+
+@given(st.one_of(
+    st.text(alphabet=string.ascii_letters + " -", min_size=1, max_size=20),
+    st.text(st.characters(categories=["L"]), min_size=1, max_size=10),
+    st.sampled_from(["two thousand", "elfu mbili", "2k", "2500 bob", "2.5k", "twenty-five hundred",
+                     "KES two thousand", "2500 KES", "USD 2500", "$2500", "2500 shillings"]),
+))
+def test_amount_property_rejects_words(text: str) -> None:
+    error = rejected(text)
+    assert not isinstance(error, AmountTooLarge)
 
 
 @given(st.text(max_size=30))

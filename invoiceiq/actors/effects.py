@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..core import copy, delivery
+from ..core import copy, delivery, settlement
 from ..core.model import Channel, Invoice
-from ..store import Tx, invoices, outbox
+from ..store import Tx, invoices, outbox, payments
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -70,3 +70,18 @@ async def tell_merchant(tx: Tx, settings: Settings, now_ms: int, message: copy.R
         return None
     return await reply(tx, merchant, now_ms, message, kind=kind, invoice_id=invoice_id, dedupe_key=dedupe_key,
                        order_key=outbox.per_invoice(merchant, invoice_id))
+
+
+def push_limits(settings: Settings) -> settlement.PushLimits:
+    m = settings.mpesa
+    return settlement.PushLimits(m.push_min_interval_s * 1000, m.push_limit, m.push_window_s * 1000)
+
+
+async def pay_verdict(tx: Tx, invoice: Invoice, limits: settlement.PushLimits, now_ms: int) -> settlement.PayVerdict:
+    """``core.settlement.decide_pay`` on what the store knows now: the one rule for a Pay request,
+    whether a WhatsApp tap, an SMS, the pay page or the internal API asks. (The in-flight
+    answer is advisory here; the partial unique index on payments is what guarantees it.)"""
+    in_flight = await payments.in_flight(tx, invoice.id)
+    recent = await payments.recent_pushes(tx, invoice.msisdn, now_ms - limits.window_ms)
+    return settlement.decide_pay(invoice, in_flight=in_flight is not None, recent_pushes_ms=recent,
+                                 now_ms=now_ms, limits=limits)

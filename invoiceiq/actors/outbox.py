@@ -314,9 +314,7 @@ class OutboxActor:
         return _Rendered(reply=message, form="interactive")
 
     async def _skip(self, tx: Tx, row: OutboxRow, reason: str) -> None:
-        now = self.clock.now_ms()
-        await tx.execute("UPDATE outbox SET status = 'CANCELLED', last_error = :r, updated_at_ms = :now"
-                         " WHERE id = :id AND status = 'SENDING'", {"r": reason, "now": now, "id": row.id})
+        await outbox.mark_skipped(tx, row.id, reason, self.clock.now_ms())
         log.info("message_skipped", outbox_id=row.id, kind=row.kind, invoice_id=row.invoice_id, reason=reason)
 
     async def _on_error(self, row: OutboxRow, exc: GatewayError) -> None:

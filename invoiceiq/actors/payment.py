@@ -61,6 +61,14 @@ class _Query:
     attempt: Attempt
 
 
+ANSWER_WINDOW_MS = 10_000  # at most one answer of each kind per invoice per window
+
+
+def answer_dedupe_key(invoice_id: str, verdict: settlement.PayVerdict, now_ms: int) -> str:
+    """The outbox dedupe key bounding the answers to Pay requests that start no prompt."""
+    return f"pay_answer:{invoice_id}:{verdict.value}:{now_ms // ANSWER_WINDOW_MS}"
+
+
 class PaymentActor:
     def __init__(self, *, store: Store, settings: Settings, clock: Clock, metrics: Metrics,
                  daraja: DarajaClient | None, wake_outbox: Any, callback_url: str) -> None:
@@ -72,7 +80,7 @@ class PaymentActor:
         self.wake_outbox = wake_outbox
         self.callback_url = callback_url
         m = settings.mpesa
-        self.limits = settlement.PushLimits(m.push_min_interval_s * 1000, m.push_limit, m.push_window_s * 1000)
+        self.limits = effects.push_limits(settings)
         self.query_after_ms = m.query_after_s * 1000
         self.expire_after_ms = m.expire_after_s * 1000
 
@@ -142,10 +150,7 @@ class PaymentActor:
                            after: _After) -> _Push | bool:
         via = str(payload.get("via") or "api")
         phone = invoice.msisdn  # the prompt always goes to the invoice's own customer
-        in_flight = await payments.in_flight(tx, invoice.id)
-        recent = await payments.recent_pushes(tx, phone, now - self.limits.window_ms)
-        verdict = settlement.decide_pay(invoice, in_flight=in_flight is not None, recent_pushes_ms=recent,
-                                        now_ms=now, limits=self.limits)
+        verdict = await effects.pay_verdict(tx, invoice, self.limits, now)
         log.info("pay_requested", invoice_id=invoice.id, via=via, verdict=verdict.value)
         if verdict is settlement.PayVerdict.START:
             if self.daraja is None:
@@ -160,12 +165,6 @@ class PaymentActor:
                 log.info("payment_initiated", invoice_id=invoice.id, payment_id=attempt.payment_id, via=via)
                 return _Push(attempt, invoice, via)
             verdict = settlement.PayVerdict.IN_FLIGHT  # another process won the race
-        if verdict is settlement.PayVerdict.IN_FLIGHT and in_flight is not None:
-            # A tap repeated while the prompt is out gets one answer per 10 seconds, not one per
-            # tap: a thousand taps in a minute make a handful of replies.
-            after.queued += await self._answer(tx, invoice, copy.prompt_already_sent(invoice, phone), via, now,
-                                               dedupe_key=f"inflight:{in_flight.payment_id}:{now // 10_000}")
-            return True
         reply = {
             settlement.PayVerdict.ALREADY_PAID: copy.already_paid(invoice),
             settlement.PayVerdict.CANCELLED: copy.pay_cancelled(invoice),
@@ -173,7 +172,11 @@ class PaymentActor:
             settlement.PayVerdict.TOO_SOON: copy.wait_before_prompt(invoice),
             settlement.PayVerdict.TOO_MANY: copy.too_many_prompts(invoice, phone),
         }[verdict]
-        after.queued += await self._answer(tx, invoice, reply, via, now)
+        # Every answer to a Pay request that starts nothing is bounded: one of each kind per
+        # invoice per 10 seconds, not one per tap (a thousand taps make a handful of replies).
+        # The in-flight answer after a lost race shares its key with the ordinary one.
+        after.queued += await self._answer(tx, invoice, reply, via, now,
+                                           dedupe_key=answer_dedupe_key(invoice.id, verdict, now))
         return True
 
     async def _answer(self, tx: Tx, invoice: Invoice, reply: copy.Reply, via: str, now: int,
@@ -275,9 +278,7 @@ class PaymentActor:
         receipt = result.receipt
         unreadable_amount = result.result_code == 0 and result.amount_kes is None and result.via == "callback"
         if outcome.attempt_status is PaymentStatus.SUCCESS and receipt is not None:
-            used = await tx.val("SELECT id FROM payments WHERE mpesa_receipt = :r AND id <> :id",
-                                {"r": receipt, "id": attempt.payment_id})
-            if used is not None:
+            if await payments.receipt_used_elsewhere(tx, receipt, attempt.payment_id):
                 log.error("receipt_reused", invoice_id=invoice.id, payment_id=attempt.payment_id, alert=True)
                 return
         if outcome.attempt_status is PaymentStatus.SUCCESS and attempt.status is PaymentStatus.SUCCESS:

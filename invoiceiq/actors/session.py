@@ -56,6 +56,12 @@ log = get_logger(__name__)
 ACTOR = "session"
 BATCH = 50  # events applied per transaction; a flood is worked off in slices
 POISON_AFTER = 3  # crashes of one event's step before it is set aside (dead-lettered)
+# Answers to taps that name no invoice of the sender's (a stranger's Pay / View details, "pay"
+# with several open invoices, someone else's number) are hints too: at most this many per
+# sender per customer hint interval, however many taps arrive. Details of one's own invoice:
+# one per invoice per DETAILS_WINDOW_MS.
+TAP_HINTS_PER_INTERVAL = 3
+DETAILS_WINDOW_MS = 10_000
 
 
 @dataclass
@@ -204,8 +210,12 @@ class SessionActor:
                 elif isinstance(effect, InvoiceAction):
                     await self._invoice_action(tx, merchant, effect, now, after)
                 elif isinstance(effect, ListUnpaid):
+                    # The first rows are listed (one message shows fewer anyway); the count and
+                    # the total are those of every open invoice.
                     open_ones = await invoices.open_invoices(tx, None, limit=100)
-                    await self._reply(tx, merchant, copy.unpaid_list(open_ones), now, after)
+                    count, total_cents = await invoices.open_totals(tx)
+                    await self._reply(tx, merchant, copy.unpaid_list(open_ones, count=count, total_cents=total_cents),
+                                      now, after)
         return state
 
     async def _invoice_action(self, tx: Tx, merchant: str, action: InvoiceAction, now: int,
@@ -279,10 +289,11 @@ class SessionActor:
                 elif isinstance(effect, DetailsRequested):
                     invoice = await invoices.get(tx, effect.invoice_id)
                     if invoice is None or invoice.msisdn != msisdn:
-                        reply = await self._hint(tx, msisdn, sms)
+                        await self._tap_hint(tx, msisdn, channel, now, after)
                     else:
-                        reply = copy.invoice_details(invoice)
-                    await self._reply(tx, msisdn, reply, now, after, kind="customer_reply", channel=channel)
+                        await self._reply(tx, msisdn, copy.invoice_details(invoice), now, after,
+                                          kind="customer_reply", channel=channel,
+                                          dedupe_key=f"details:{invoice.id}:{now // DETAILS_WINDOW_MS}")
                 elif isinstance(effect, PayRequested):
                     await self._pay_request(tx, msisdn, effect.invoice_id, event_id, channel, now, after)
         return state
@@ -291,6 +302,20 @@ class SessionActor:
         open_ones = await invoices.open_invoices(tx, msisdn)
         return copy.sms_customer_hint(open_ones) if sms else copy.customer_hint(open_ones)
 
+    async def _tap_hint(self, tx: Tx, msisdn: str, channel: Channel, now: int, after: _AfterCommit) -> None:
+        """The hint answering a tap (or ``pay <id>``) that names no invoice of the sender's.
+
+        Bounded like the free-text hint: at most ``TAP_HINTS_PER_INTERVAL`` per sender per
+        customer hint interval (outbox dedupe keys, one per slot of the interval), so that a
+        flood of taps from a stranger makes a handful of replies, not one per tap."""
+        window = max(self.settings.chat.customer_hint_interval_s * 1000, DETAILS_WINDOW_MS)
+        reply = await self._hint(tx, msisdn, channel is Channel.SMS)
+        for slot in range(TAP_HINTS_PER_INTERVAL):
+            if await self._reply(tx, msisdn, reply, now, after, kind="customer_reply", channel=channel,
+                                 dedupe_key=f"tap_hint:{msisdn}:{now // window}:{slot}"):
+                return
+        log.info("tap_hint_suppressed", msisdn=msisdn)
+
     async def _pay_request(self, tx: Tx, msisdn: str, invoice_id: str | None, event_id: str, channel: Channel,
                            now: int, after: _AfterCommit) -> None:
         """Hand a Pay request to the invoice's payment actor, through the inbox (durably)."""
@@ -298,15 +323,13 @@ class SessionActor:
         if invoice_id is None:
             open_ones = await invoices.open_invoices(tx, msisdn)
             if len(open_ones) != 1:
-                await self._reply(tx, msisdn, await self._hint(tx, msisdn, sms), now, after,
-                                  kind="customer_reply", channel=channel)
+                await self._tap_hint(tx, msisdn, channel, now, after)
                 return
             invoice_id = open_ones[0].id
         invoice = await invoices.get(tx, invoice_id)
         # Only the invoice's own customer may start its payment: a prompt goes to their phone.
         if invoice is None or invoice.msisdn != msisdn:
-            await self._reply(tx, msisdn, await self._hint(tx, msisdn, sms), now, after,
-                              kind="customer_reply", channel=channel)
+            await self._tap_hint(tx, msisdn, channel, now, after)
             return
         await inbox.put(tx, source="internal", event_id=f"pay:{event_id}", actor="payment",
                         actor_key=invoice.id, kind="pay_request",
@@ -314,10 +337,15 @@ class SessionActor:
         after.payments.append(invoice.id)
 
     async def _reply(self, tx: Tx, to: str, reply: copy.Reply, now: int, after: _AfterCommit,
-                     kind: str = "reply", channel: Channel = Channel.WHATSAPP) -> None:
+                     kind: str = "reply", channel: Channel = Channel.WHATSAPP,
+                     dedupe_key: str | None = None) -> bool:
+        """Queue ``reply``; False when ``dedupe_key`` was queued before (nothing is sent)."""
         if channel is Channel.SMS:
-            await outbox.enqueue(tx, recipient=to, channel=Channel.SMS, kind=kind, now_ms=now,
-                                 content=delivery.reply_content(reply))
+            queued = await outbox.enqueue(tx, recipient=to, channel=Channel.SMS, kind=kind, now_ms=now,
+                                          content=delivery.reply_content(reply), dedupe_key=dedupe_key)
         else:
-            await effects.reply(tx, to, now, reply, kind=kind)
+            queued = await effects.reply(tx, to, now, reply, kind=kind, dedupe_key=dedupe_key)
+        if queued is None:
+            return False
         after.queued += 1
+        return True

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-from invoiceiq.core.model import Button, Channel, Customer, Invoice, InvoiceStatus, format_kes
+from invoiceiq.core.model import Button, Channel, Customer, Invoice, InvoiceStatus, cents_to_kes, format_kes
 from invoiceiq.core.validate import DESCRIPTION_MAX, NAME_MAX, short_msisdn
 
 __all__ = [
@@ -216,16 +216,19 @@ def _plural(n: int, one: str, many: str) -> str:
     return f"{n} {one if n == 1 else many}"
 
 
-def _fit_lines(head: str, lines: Sequence[str]) -> str:
-    """``head`` then as many ``lines`` as fit in one WhatsApp body, then "…and N more."."""
+def _fit_lines(head: str, lines: Sequence[str], unlisted: int = 0) -> str:
+    """``head`` then as many ``lines`` as fit in one WhatsApp body, then "…and N more."
+    (``unlisted``: items beyond ``lines`` that are counted in N but were never given)."""
     text = head
     for i, line in enumerate(lines):
-        left_after = len(lines) - i - 1
+        left_after = len(lines) - i - 1 + unlisted
         # Keep room for the "…and N more." line that would follow if the next line did not fit.
         reserve = len(_more(left_after)) + 1 if left_after else 0
         if len(text) + 1 + len(line) + reserve > MAX_BODY:
-            return f"{text}\n{_more(len(lines) - i)}"
+            return f"{text}\n{_more(len(lines) - i + unlisted)}"
         text += "\n" + line
+    if unlisted:
+        text += "\n" + _more(unlisted)
     return text
 
 
@@ -475,14 +478,20 @@ def status_summary(invoice: Invoice, payment_attempts: int) -> Reply:
     )
 
 
-def unpaid_list(invoices: Sequence[Invoice]) -> Reply:
-    """``unpaid``: every open invoice with the total; the tail is cut to fit one message."""
-    if not invoices:
+def unpaid_list(invoices: Sequence[Invoice], *, count: int | None = None,
+                total_cents: int | None = None) -> Reply:
+    """``unpaid``: every open invoice with the total; the tail is cut to fit one message.
+
+    ``invoices`` may be only the first of them (the actor loads a page): ``count`` and
+    ``total_cents`` are then the true figures for all of them, and the ones not listed are
+    counted in the "…and N more." line."""
+    count = len(invoices) if count is None else max(count, len(invoices))
+    if not count:
         return Reply("No unpaid invoices. Send 'invoice' to create one.", (BTN_NEW_INVOICE,))
-    total = sum(i.amount_kes for i in invoices)
-    head = f"{_plural(len(invoices), 'unpaid invoice', 'unpaid invoices')}, {_kes(total)} in total:"
+    total = sum(i.amount_kes for i in invoices) if total_cents is None else cents_to_kes(total_cents)
+    head = f"{_plural(count, 'unpaid invoice', 'unpaid invoices')}, {_kes(total)} in total:"
     lines = [f"#{i.id} \u00b7 {_kes(i.amount_kes)} \u00b7 {_who(i)}" for i in invoices]
-    return Reply(_fit_lines(head, lines))
+    return Reply(_fit_lines(head, lines, unlisted=count - len(invoices)))
 
 
 # Merchant alerts -------------------------------------------------------------------------------

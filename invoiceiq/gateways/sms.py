@@ -45,10 +45,13 @@ STATUS_NAMES = {
     502: "RejectedByGateway",
 }
 _ACCEPTED = frozenset({100, 101, 102})
-_TRANSIENT = frozenset({401, 407, 500, 501, 502})
+# 401-407 and 409 are permanent for the message (issue 4): Africa's Talking has decided about
+# this number or this text (RiskHold and CouldNotRoute included: resending the same text to the
+# same number is not what clears them), so the row fails with the provider's reason.
+_TRANSIENT = frozenset({500, 501, 502})
 # 405 InsufficientBalance is permanent for this message too, but it is an account problem:
 # the caller tells it apart by code "405" (and alerts) rather than blaming the number.
-_PERMANENT = frozenset({402, 403, 404, 405, 406, 409})
+_PERMANENT = frozenset({401, 402, 403, 404, 405, 406, 407, 409})
 INSUFFICIENT_BALANCE = "405"
 
 FINAL_STATUSES = frozenset({"Success", "Failed", "Rejected"})

@@ -68,7 +68,8 @@ class Store:
         except Exception as exc:  # noqa: BLE001 - reported, not raised
             return f"database: {type(exc).__name__}: {str(exc)[:200]}"
         # The probe is one tiny row: a nearly full disk can take it while real writes fail.
-        # The writer's last group tells the truth until a later one commits.
+        # So a failed group keeps readiness at 503 for 15 s even if later (smaller) groups
+        # commit: the load balancer stops sending for a moment rather than flapping.
         if (recent := self.db.writer_failed_recently()) is not None:
             return f"database: writes failed in the last seconds: {recent[:200]}"
         return None

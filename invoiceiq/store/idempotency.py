@@ -42,6 +42,11 @@ async def finish(tx: Tx, scope: str, key: str, status_code: int, body: str) -> N
         {"c": status_code, "b": body, "s": scope, "k": key})
 
 
+async def release(tx: Tx, scope: str, key: str) -> None:
+    """Give the key back (an answer that says "try again later" must not be replayed forever)."""
+    await tx.execute("DELETE FROM idempotency_keys WHERE scope = :s AND idem_key = :k", {"s": scope, "k": key})
+
+
 async def prune(tx: Tx, before_ms: int) -> int:
     rows = await tx.all("DELETE FROM idempotency_keys WHERE created_at_ms < :b RETURNING idem_key", {"b": before_ms})
     return len(rows)

@@ -98,6 +98,16 @@ async def open_invoices(tx: Tx, msisdn: str | None = None, limit: int = 50) -> l
     return [_invoice(r) for r in rows]
 
 
+async def open_totals(tx: Tx, msisdn: str | None = None) -> tuple[int, int]:
+    """(count, total amount in cents) of ALL open invoices, as :func:`open_invoices` defines
+    them, however many there are (the listing is a page; the totals must not be)."""
+    where = "status IN ('PENDING','SENT')" + (" AND msisdn = :m" if msisdn else "")
+    row = await tx.one(f"SELECT COUNT(*) AS n, COALESCE(SUM(amount_cents), 0) AS total FROM invoices WHERE {where}",
+                       {"m": msisdn} if msisdn else None)
+    assert row is not None
+    return int(row["n"] or 0), int(row["total"] or 0)
+
+
 async def mark_sent(tx: Tx, invoice_id: str, channel: Channel, now_ms: int) -> bool:
     """PENDING -> SENT once a provider accepted the invoice; True only the first time."""
     row = await tx.one(

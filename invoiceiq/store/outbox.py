@@ -151,6 +151,14 @@ async def mark_failed(tx: Tx, row_id: int, error: str, now_ms: int) -> bool:
     return done is not None
 
 
+async def mark_skipped(tx: Tx, row_id: int, reason: str, now_ms: int) -> bool:
+    """A claimed row that no longer needs sending (its invoice was paid or cancelled meanwhile)."""
+    row = await tx.one(
+        "UPDATE outbox SET status = 'CANCELLED', last_error = :r, updated_at_ms = :now"
+        " WHERE id = :id AND status = 'SENDING' RETURNING id", {"r": reason, "now": now_ms, "id": row_id})
+    return row is not None
+
+
 async def advance_status(tx: Tx, provider_message_id: str, status: str, now_ms: int, error: str | None = None) -> OutboxRow | None:
     """Move the row sent as ``provider_message_id`` forward to ``status`` (never backwards).
 

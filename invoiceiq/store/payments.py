@@ -115,6 +115,14 @@ async def set_receipt(tx: Tx, payment_id: str, invoice_id: str, receipt: str, pl
                          {"r": receipt, "inv": invoice_id, "old": placeholder})
 
 
+async def receipt_used_elsewhere(tx: Tx, receipt: str, payment_id: str) -> bool:
+    """True when another attempt already holds this M-PESA receipt (a replayed or forged
+    callback must not settle a second invoice with one payment)."""
+    used = await tx.val("SELECT id FROM payments WHERE mpesa_receipt = :r AND id <> :id LIMIT 1",
+                        {"r": receipt, "id": payment_id})
+    return used is not None
+
+
 async def claim_check(tx: Tx, payment_id: str, expected_next_ms: int, new_next_ms: int) -> bool:
     """Claim a due status query (so exactly one process sends it) and schedule the next one."""
     done = await tx.val(

@@ -116,16 +116,20 @@ async def idempotent(scope: str, key: str | None, body: dict[str, Any],
                 return stored.status_code, stored.body, {"Idempotent-Replayed": "true"}
         status, result = await work(tx)
         text = orjson.dumps(result).decode()
-        if key is not None:
+        if key is not None and status == 429:
+            await idempotency.release(tx, scope, key)  # a retry with the same key may succeed later
+        elif key is not None:
             await idempotency.finish(tx, scope, key, status, text)
         return status, text, {}
 
     status, text, headers = await svc.store.write(job)
-    if status in (409, 422):
+    if status in (409, 422, 429):
         # Say why in the log too (field names only: values may be personal data).
-        fields = sorted(orjson.loads(text).get("errors", {})) if status == 422 else []
-        log.warning("api_request_refused", route=scope, status=status, fields=fields,
-                    reason="validation failed" if status == 422 else "Idempotency-Key reused with another body")
+        answer = orjson.loads(text)
+        fields = sorted(answer.get("errors", {})) if status == 422 else []
+        reason = ("validation failed" if status == 422 else answer.get("reason")
+                  or "Idempotency-Key reused with another body")
+        log.warning("api_request_refused", route=scope, status=status, fields=fields, reason=reason)
     return Response(text, status=status, content_type="application/json", headers=headers)
 
 

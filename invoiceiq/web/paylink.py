@@ -16,7 +16,8 @@ from collections import deque
 
 from quart import Blueprint, Response, redirect, request
 
-from ..core import copy, validate
+from ..actors import effects
+from ..core import copy, settlement, validate
 from ..core.model import Invoice, InvoiceStatus, PaymentStatus, format_kes
 from ..observability import get_logger
 from ..store import StoreError, Tx, inbox, invoices, payments
@@ -106,6 +107,10 @@ async def _load(token: str) -> tuple[Invoice | None, Attempt | None]:
     return await services().store.read(job)
 
 
+# Pay requests the page refuses itself, saying why (``?refused=``), instead of queueing them.
+_REFUSED = frozenset({settlement.PayVerdict.TOO_SOON, settlement.PayVerdict.TOO_MANY})
+
+
 @bp.get("/p/<token>")
 async def show(token: str) -> Response:
     svc = services()
@@ -131,7 +136,12 @@ async def show(token: str) -> Response:
         requested = request.args.get("requested", "")
         asked_ms = int(requested) if requested.isdigit() and len(requested) <= 15 else None
         now = svc.clock.now_ms()
-        if asked_ms is not None and attempt is not None and attempt.requested_at_ms >= asked_ms - 1000:
+        refused = request.args.get("refused")
+        if refused == settlement.PayVerdict.TOO_SOON.value:
+            body += f"<p class=\"note warn\">{e(copy.wait_before_prompt(invoice).text)}</p>"
+        elif refused == settlement.PayVerdict.TOO_MANY.value:
+            body += f"<p class=\"note warn\">{e(copy.too_many_prompts(invoice, invoice.msisdn).text)}</p>"
+        elif asked_ms is not None and attempt is not None and attempt.requested_at_ms >= asked_ms - 1000:
             # Our request's attempt is over without paying: say so, offer the button again.
             code = attempt.result_code if attempt.result_code is not None else "other"
             failed = copy.stk_failed(invoice, code).text.split("\n")[0]
@@ -174,14 +184,22 @@ async def pay(token: str) -> Response:
     # One request per page load: a double click posts the same csrf value, stored once.
     event_id = f"paylink:{form.get('csrf')}"
 
-    async def job(tx: Tx) -> None:
-        await inbox.put(tx, source="paylink", event_id=event_id, actor="payment", actor_key=invoice.id,
-                        kind="pay_request", payload={"phone": invoice.msisdn, "via": "paylink"}, now_ms=now)
+    async def job(tx: Tx) -> settlement.PayVerdict:
+        # The per-phone limits refuse here, where the customer can be told on this page; the
+        # other answers (paid, cancelled, in flight) are what the page shows anyway.
+        verdict = await effects.pay_verdict(tx, invoice, effects.push_limits(svc.settings), now)
+        if verdict not in _REFUSED:
+            await inbox.put(tx, source="paylink", event_id=event_id, actor="payment", actor_key=invoice.id,
+                            kind="pay_request", payload={"phone": invoice.msisdn, "via": "paylink"}, now_ms=now)
+        return verdict
 
     try:
-        await store_durably(job)
+        verdict = await store_durably(job)
     except StoreError:
         return _page("Try again", "<div class=\"card\"><h1>Please try again in a moment</h1></div>", status=503)
+    if verdict in _REFUSED:
+        log.info("paylink_pay_refused", invoice_id=invoice.id, verdict=verdict.value)
+        return redirect(f"/p/{token}?refused={verdict.value}", 303)
     svc.dispatch.kick("payment", invoice.id)
     log.info("paylink_pay_requested", invoice_id=invoice.id)
     return redirect(f"/p/{token}?requested={now}", 303)

@@ -13,6 +13,8 @@ from typing import Any
 import orjson
 from quart import Blueprint, Response, request
 
+from ..actors import effects
+from ..core import settlement
 from ..core.validate import normalize_invoice_ref
 from ..gateways import mpesa
 from ..observability import get_logger
@@ -89,6 +91,15 @@ async def callback(secret: str) -> Response:
     return json_response(ACCEPTED)
 
 
+REFUSALS = {
+    settlement.PayVerdict.ALREADY_PAID: "the invoice is already paid",
+    settlement.PayVerdict.CANCELLED: "the invoice is cancelled",
+    settlement.PayVerdict.IN_FLIGHT: "an M-PESA prompt for this invoice is already in flight",
+    settlement.PayVerdict.TOO_SOON: "an M-PESA prompt went to this phone less than a minute ago; try again shortly",
+    settlement.PayVerdict.TOO_MANY: "too many M-PESA prompts to this phone lately; try again later",
+}
+
+
 @bp.post("/payments/stk/initiate")
 async def initiate() -> Response:
     if (denied := admin_denied()) is not None:
@@ -116,6 +127,15 @@ async def initiate() -> Response:
         invoice = await invoices.get(tx, invoice_id)
         if invoice is None:
             return 404, {"error": "no such invoice"}
+        # The rule the payment actor applies, answered to the API caller at once when it
+        # refuses: no push, and no message to the customer.
+        verdict = await effects.pay_verdict(tx, invoice, effects.push_limits(svc.settings), svc.clock.now_ms())
+        if verdict is not settlement.PayVerdict.START:
+            refusal: dict[str, Any] = {"error": REFUSALS[verdict], "reason": verdict.value,
+                                       "invoice_id": invoice.id, "status": invoice.status.value}
+            if verdict is settlement.PayVerdict.ALREADY_PAID:
+                refusal["mpesa_receipt"] = invoice.mpesa_receipt
+            return (429 if verdict in (settlement.PayVerdict.TOO_SOON, settlement.PayVerdict.TOO_MANY) else 409), refusal
         await inbox.put(tx, source="api", event_id=f"initiate:{key}", actor="payment", actor_key=invoice.id,
                         kind="pay_request", payload={"phone": invoice.msisdn, "via": "api"},
                         now_ms=svc.clock.now_ms())

@@ -86,22 +86,26 @@ async def _store(tx: Tx, batch: wa.WebhookBatch, now: int) -> tuple[list[str], l
     statuses: dict[str, None] = {}
     counts: list[str] = []
     for m in batch.messages:
-        if not m.from_msisdn:
-            log.info("message_without_phone_ignored", kind=m.kind)
-            continue
-        actionable = m.kind in ACTIONABLE and m.text is not None
         payload: dict[str, Any] = {"from": m.from_msisdn, "kind": m.kind, "text": m.text, "title": m.title,
                                    "context_id": m.context_id, "timestamp_s": m.timestamp_s}
-        seq = await inbox.put(tx, source="whatsapp", event_id=m.id, actor="session", actor_key=m.from_msisdn,
-                              kind=m.kind, payload=payload, now_ms=now)
+        if not m.from_msisdn:
+            payload["user_id"] = m.user_id  # Meta's usernames: known only by a business-scoped id
+        seq = await inbox.put(tx, source="whatsapp", event_id=m.id, actor="session",
+                              actor_key=m.from_msisdn or m.user_id or "", kind=m.kind, payload=payload, now_ms=now)
         if seq is None:
             counts.append("duplicate")
             log.info("webhook_duplicate", provider="whatsapp", kind=m.kind)
             continue
-        await messages.log_message(tx, channel=Channel.WHATSAPP, direction=Direction.IN, event="inbound",
+        event = "inbound" if m.from_msisdn else "inbound_without_phone"
+        await messages.log_message(tx, channel=Channel.WHATSAPP, direction=Direction.IN, event=event,
                                    payload={"wamid": m.id, **payload})
-        counts.append("inbound")
-        if actionable:
+        counts.append(event)
+        if not m.from_msisdn:
+            # No number to answer, invoice or open a 24-hour window for: stored (so that Meta's
+            # retries are recognised) and logged, but already processed, so no session work.
+            await inbox.mark_processed(tx, seq, now)
+            log.info("message_without_phone_ignored", kind=m.kind)
+        elif m.kind in ACTIONABLE and m.text is not None:
             # The session actor records the opened 24-hour window when it takes the message.
             sessions[m.from_msisdn] = None
         else:
