@@ -799,7 +799,10 @@ async def test_post_stk_initiate(fz: Fuzz) -> None:
         assume(not unwritable(decoded(body)))
         response = exchange(fz, "POST /payments/stk/initiate", lambda: fz.client.post(
             "/payments/stk/initiate", content=body, headers=api_headers(key, content_type)), count_413=True)
-        assert response.status_code in (202, 400, 404, 409, 413, 422), response.text
+        # 429: an earlier example already prompted this invoice's phone (Daraja's per-phone rules).
+        assert response.status_code in (202, 400, 404, 409, 413, 422, 429), response.text
+        if response.status_code == 429:
+            assert response.json()["reason"] in ("too_soon", "too_many"), response.text
 
     await run_property(fz, prop)
 

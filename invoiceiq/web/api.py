@@ -123,12 +123,12 @@ async def idempotent(scope: str, key: str | None, body: dict[str, Any],
         return status, text, {}
 
     status, text, headers = await svc.store.write(job)
-    if status in (409, 422, 429):
+    if status in (404, 409, 422, 429):
         # Say why in the log too (field names only: values may be personal data).
         answer = orjson.loads(text)
         fields = sorted(answer.get("errors", {})) if status == 422 else []
-        reason = ("validation failed" if status == 422 else answer.get("reason")
-                  or "Idempotency-Key reused with another body")
+        reason = ("validation failed" if status == 422 else answer["error"] if status == 404
+                  else answer.get("reason") or "Idempotency-Key reused with another body")
         log.warning("api_request_refused", route=scope, status=status, fields=fields, reason=reason)
     return Response(text, status=status, content_type="application/json", headers=headers)
 
