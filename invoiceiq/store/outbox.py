@@ -114,7 +114,10 @@ async def claim_due(tx: Tx, *, now_ms: int, limit: int, worker: str, lease_ms: i
         "   AND NOT EXISTS (SELECT 1 FROM outbox p WHERE p.recipient = o.recipient AND p.id < o.id"
         "      AND p.status IN ('PENDING','SENDING')"
         "      AND (p.order_key = o.order_key OR p.order_key = p.recipient OR o.order_key = o.recipient))"
-        f"  ORDER BY o.id LIMIT :lim{skip_locked})"
+        # "+o.id": without it SQLite serves ORDER BY ... LIMIT by walking the whole table in
+        # id order (127 ms with 390,000 finished rows, tests/test_query_plans.py) instead of
+        # the partial index of unfinished rows, then sorting the few it finds (0.2 ms).
+        f"  ORDER BY +o.id LIMIT :lim{skip_locked})"
         " RETURNING *",
         {"lease": now_ms + lease_ms, "w": worker, "now": now_ms, "lim": limit},
     )
