@@ -313,3 +313,32 @@ async def test_a_merchant_notice_never_overtakes_an_earlier_chat_reply(store: St
     assert [r.id for r in await store.write(claim)] == [notice]
     await store.write(lambda tx: outbox.mark_sent(tx, notice, "wamid.n", NOW))
     assert [r.id for r in await store.write(claim)] == [later_reply]
+
+
+async def test_closing_gives_up_on_a_connection_that_never_comes_back(database_url: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # asyncpg's pool.close() waits for every connection forever; a shutdown must not.
+    if not database_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL only: SQLite has no pool")
+    from invoiceiq.store import db as dbmod
+
+    monkeypatch.setattr(dbmod, "CLOSE_TIMEOUT_S", 0.5)
+    st = Store(database_url)
+    await st.open()
+    leaked = await st.db._db._backend._pool.acquire()  # like one stuck mid-statement
+    await leaked.execute("BEGIN")
+    backend_pid = leaked.get_server_pid()
+    with anyio.fail_after(10):
+        await st.close()
+    # The stuck connection was cut, not left "idle in transaction" on the server.
+    import asyncpg
+
+    from conftest import POSTGRES_URL
+
+    check = await asyncpg.connect(POSTGRES_URL)
+    try:
+        with anyio.fail_after(10):
+            while await check.fetchval("SELECT COUNT(*) FROM pg_stat_activity WHERE pid = $1", backend_pid):
+                await anyio.sleep(0.05)
+    finally:
+        await check.close()

@@ -39,6 +39,9 @@ T = TypeVar("T")
 Dialect = Literal["sqlite", "postgresql"]
 log = get_logger(__name__)
 
+# How long closing may wait for pooled PostgreSQL connections to come back.
+CLOSE_TIMEOUT_S = 5.0
+
 
 class StoreError(Exception):
     """The database could not do what was asked (unreachable, read-only, locked...)."""
@@ -352,7 +355,18 @@ class Database:
                     pass
         self._reader_conns.clear()
         try:
-            await self._db.disconnect()
+            # asyncpg's pool.close() waits for every connection to come back, forever: one
+            # stuck mid-transaction (a statement cut off by a cancellation) would hang the
+            # shutdown until systemd's SIGKILL. Give it a bound, then terminate the pool.
+            with anyio.fail_after(CLOSE_TIMEOUT_S):
+                await self._db.disconnect()
+        except TimeoutError:
+            pool = getattr(self._db._backend, "_pool", None)
+            if pool is not None:
+                pool.terminate()
+                self._db._backend._pool = None
+            self._db.is_connected = False
+            log.warning("database_close_timed_out", timeout_s=CLOSE_TIMEOUT_S)
         except Exception:  # noqa: BLE001
             pass
 
