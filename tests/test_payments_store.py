@@ -13,7 +13,7 @@ import anyio
 import pytest
 
 from invoiceiq.core.model import PaymentStatus
-from invoiceiq.store import Store, Tx, invoices, payments
+from invoiceiq.store import Store, Tx, inbox, invoices, payments
 from invoiceiq.store.payments import Attempt
 
 pytestmark = pytest.mark.anyio
@@ -144,6 +144,63 @@ async def test_postgresql_two_raw_connections_racing_one_wins(store: Store, data
 
 
 # -- what the index allows -----------------------------------------------------------------------------
+
+
+async def test_postgresql_a_callback_racing_its_push_answer_is_never_set_aside(store: Store) -> None:
+    """A cancelled prompt's callback (1032: no phone in it) arrives while the push's answer is
+    being recorded on another connection. The callback's transaction has looked the id up and
+    found nothing; the answer's transaction then records the id and claims unmatched callbacks.
+    Under READ COMMITTED, without ``serialize_checkout``, the claim misses the callback's
+    uncommitted row and the callback stays set aside for good (the route and the payment actor
+    run these same steps: web/payments.py ``store``, actors/payment.py ``job``)."""
+    if store.dialect != "postgresql":
+        pytest.skip("PostgreSQL only: SQLite has a single writer")
+    invoice_id = await new_invoice(store)
+    attempt = await store.write(lambda tx: start(tx, invoice_id))
+    assert attempt is not None
+    checkout = "ws_CO_RACE_0001"
+    callback_looked = anyio.Event()
+    answer_started = anyio.Event()
+
+    async def callback(tx: Tx) -> bool:
+        await payments.serialize_checkout(tx, checkout)
+        found = await payments.for_callback(tx, checkout, None)
+        callback_looked.set()
+        with anyio.move_on_after(1):  # give the answer every chance to run now
+            await answer_started.wait()
+        await anyio.sleep(0.2)
+        actor, key = ("payment", found.invoice_id) if found is not None else ("unmatched", "-")
+        seq = await inbox.put(tx, source="mpesa", event_id=checkout, actor=actor, actor_key=key,
+                              kind="callback", payload={"result_code": 1032}, now_ms=NOW)
+        if seq is not None and found is None:
+            await inbox.mark_processed(tx, seq, NOW)
+        return found is not None
+
+    async def answer(tx: Tx) -> bool:
+        answer_started.set()
+        await payments.serialize_checkout(tx, checkout)
+        await payments.accepted(tx, attempt.payment_id, checkout_request_id=checkout,
+                                merchant_request_id="mr-1", raw_request={})
+        return await inbox.claim_unmatched(tx, "mpesa", checkout, "payment", invoice_id)
+
+    results: dict[str, bool] = {}
+
+    async def run_callback() -> None:
+        results["callback_matched"] = await store.write(callback)
+
+    async def run_answer() -> None:
+        with anyio.fail_after(5):
+            await callback_looked.wait()
+        results["answer_claimed"] = await store.write(answer)
+
+    with anyio.fail_after(15):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run_callback)
+            tg.start_soon(run_answer)
+    # Either way round, the callback ends up pending for the invoice's payment actor.
+    assert results["callback_matched"] or results["answer_claimed"], results
+    assert await count(store, "SELECT COUNT(*) FROM inbox WHERE event_id = :e AND actor = 'payment'"
+                       " AND actor_key = :k AND processed_at_ms IS NULL", {"e": checkout, "k": invoice_id}) == 1
 
 
 async def test_the_index_refuses_a_second_in_flight_row_but_not_history(store: Store) -> None:

@@ -342,3 +342,34 @@ async def test_closing_gives_up_on_a_connection_that_never_comes_back(database_u
                 await anyio.sleep(0.05)
     finally:
         await check.close()
+
+
+async def test_a_write_cancelled_during_begin_gives_its_connection_back(database_url: str,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # databases counts the connection as in use before BEGIN and registers the transaction
+    # after it: a cancellation in between used to keep the connection out of the pool forever.
+    if not database_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL only: SQLite has a single writer, no pool")
+    from databases.backends.postgres import PostgresTransaction
+
+    original = PostgresTransaction.start
+
+    async def slow_begin(self, is_root: bool, extra_options: dict) -> None:  # type: ignore[no-untyped-def,type-arg]
+        await anyio.sleep(0.3)
+        await original(self, is_root, extra_options)
+
+    st = Store(database_url)
+    await st.open()
+    try:
+        pool = st.db._db._backend._pool
+        monkeypatch.setattr(PostgresTransaction, "start", slow_begin)
+        with anyio.move_on_after(0.1):
+            await st.write(lambda tx: tx.val("SELECT 1"))
+        monkeypatch.setattr(PostgresTransaction, "start", original)
+        with anyio.fail_after(10):
+            while pool.get_idle_size() != pool.get_size():
+                await anyio.sleep(0.02)
+        assert await st.write(lambda tx: tx.val("SELECT 2")) == 2
+    finally:
+        with anyio.fail_after(10):
+            await st.close()

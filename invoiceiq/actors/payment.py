@@ -208,6 +208,7 @@ class PaymentActor:
         after.stk_results.append("accepted")
 
         async def job(tx: Tx) -> bool:
+            await payments.serialize_checkout(tx, accepted.checkout_request_id)
             await payments.accepted(tx, attempt.payment_id, checkout_request_id=accepted.checkout_request_id,
                                     merchant_request_id=accepted.merchant_request_id,
                                     raw_request=dict(accepted.request_for_log))

@@ -41,6 +41,8 @@ log = get_logger(__name__)
 
 # How long closing may wait for pooled PostgreSQL connections to come back.
 CLOSE_TIMEOUT_S = 5.0
+# How long a PostgreSQL BEGIN may take on a connection the pool already handed out.
+BEGIN_TIMEOUT_S = 10.0
 
 
 class StoreError(Exception):
@@ -426,7 +428,12 @@ class Database:
     async def _pg_write(self, job: Job[T]) -> T:
         async with self._pg_slots, self._pg_connection() as conn:
             transaction = conn.transaction()
-            await transaction.start()
+            # BEGIN is shielded (and bounded): ``databases`` counts the connection as in use
+            # before it sends BEGIN and only registers the transaction after, so a cancellation
+            # in between (a shutdown, a client that went away) would keep the connection out of
+            # the pool forever, "idle in transaction", and hang the pool's close.
+            with anyio.CancelScope(shield=True), anyio.fail_after(BEGIN_TIMEOUT_S):
+                await transaction.start()
             try:
                 result = await job(Tx(conn, "postgresql"))
             except BaseException:

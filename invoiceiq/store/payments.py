@@ -142,6 +142,23 @@ async def by_checkout_id(tx: Tx, checkout_request_id: str) -> Attempt | None:
     return _attempt(row) if row else None
 
 
+# The class id of the advisory locks below (two-int keys never meet the one-bigint keys of
+# migrations and the Daraja token).
+_CHECKOUT_LOCK_CLASS = 7001
+
+
+async def serialize_checkout(tx: Tx, checkout_request_id: str) -> None:
+    """Make a callback and its push's answer, about one CheckoutRequestID, take turns.
+
+    On PostgreSQL (READ COMMITTED) each could otherwise miss the other's uncommitted row: the
+    callback, not finding the id yet, is stored aside as unmatched while the answer's
+    ``inbox.claim_unmatched`` looks for it and finds nothing; the payment would then wait for
+    the status query. Held to the end of the transaction. SQLite has one writer: no-op."""
+    if tx.dialect == "postgresql":
+        await tx.execute("SELECT pg_advisory_xact_lock(:cls, hashtext(:co))",
+                         {"cls": _CHECKOUT_LOCK_CLASS, "co": checkout_request_id})
+
+
 async def for_callback(tx: Tx, checkout_request_id: str, phone: str | None) -> Attempt | None:
     """The attempt a callback is about, in ONE statement (one snapshot): by its
     CheckoutRequestID, or else — when the push's answer was lost or is being recorded right

@@ -63,6 +63,7 @@ async def callback(secret: str) -> Response:
     now = svc.clock.now_ms()
 
     async def store(tx: Tx) -> tuple[str | None, bool]:
+        await payments.serialize_checkout(tx, parsed.checkout_request_id)
         attempt = await payments.for_callback(tx, parsed.checkout_request_id, parsed.phone)
         if attempt is not None and attempt.checkout_request_id is None:
             # The push's answer was lost, so we never learnt this id: tie it back by phone.
