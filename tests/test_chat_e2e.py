@@ -826,6 +826,9 @@ async def test_timers_count_from_the_last_reply(
         assert h.providers.texts(MERCHANT) == [ASK_PHONE, ASK_NAME]
         clock.advance(41_000)  # t = 111 s: 61 s after the last reply
         await h.wait_for_texts(MERCHANT, 3)
+        # The nudge reached Meta; let the outbox record it before moving the clock past its
+        # 60 s send lease (a lease that expires mid-send would let the row be sent again).
+        await settle(h)
         clock.advance(69_000)  # t = 180 s: 130 s after the last reply, still open
         await quiet(h)
         assert h.providers.texts(MERCHANT) == [ASK_PHONE, ASK_NAME, NUDGE]
