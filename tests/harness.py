@@ -35,6 +35,10 @@ PHONE_ID = "106540352242922"
 MERCHANT = "254700000001"
 CUSTOMER = "254712345678"
 ADMIN_TOKEN = "admin-token-for-tests-0123"
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}  # the internal API's header
+# Meta's own error bodies (tests/fixtures/providers), keyed by case.
+WA_ERRORS = json.loads((Path(__file__).resolve().parent / "fixtures" / "providers"
+                        / "whatsapp_error_responses.json").read_text())
 GRAPH = "https://graph.test/v25.0"
 AT_BASE = "https://at.test"
 DARAJA = "https://daraja.test"

@@ -16,8 +16,8 @@ import httpx
 import pytest
 
 from harness import (
+    AUTH,
     SMS_INBOUND,
-    ADMIN_TOKEN,
     CUSTOMER,
     MERCHANT,
     FakeProviders,
@@ -34,7 +34,6 @@ from invoiceiq.store import Tx, invoices
 
 pytestmark = pytest.mark.anyio
 
-AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 STRANGER = "254733000111"   # neither the merchant nor any invoice's customer
 TAPS = 1000
 FLOOD = 2000

@@ -7,7 +7,6 @@ copy.py fails.
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings

@@ -31,9 +31,6 @@ import httpx
 import pytest
 
 from harness import (
-    AT_BASE,
-    DARAJA,
-    GRAPH,
     PUBLIC_URL,
     FakeDaraja,
     FakeProviders,
@@ -42,7 +39,6 @@ from harness import (
     inbound_text,
     make_settings,
     running_daemon,
-    sign,
     status_event,
     stk_callback,
 )

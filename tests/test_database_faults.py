@@ -53,9 +53,9 @@ from anyio.abc import SocketStream, TaskGroup
 
 from conftest import POSTGRES_URL, drop_pg_schema, make_pg_schema
 from harness import (
+    AUTH,
     SMS_INBOUND,
     SMS_STATUS,
-    ADMIN_TOKEN,
     CUSTOMER,
     FakeProviders,
     Handle,
@@ -72,7 +72,6 @@ from invoiceiq.store.db import GroupCommitWriter, SqliteTx
 
 pytestmark = pytest.mark.anyio
 
-AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 ACK = {"ResultCode": 0, "ResultDesc": "Accepted"}
 
 

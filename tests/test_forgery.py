@@ -17,10 +17,10 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import anyio
-import httpx
 import pytest
 
 from harness import (
+    AUTH,
     ADMIN_TOKEN,
     APP_SECRET,
     CUSTOMER,
@@ -40,7 +40,6 @@ from invoiceiq.store import Tx
 
 pytestmark = pytest.mark.anyio
 
-AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 ACK = {"ResultCode": 0, "ResultDesc": "Accepted"}
 SAFARICOM_IP = "196.201.214.200"
 SMS_TOKEN = "sms-callback-token-0123456789"

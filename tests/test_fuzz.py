@@ -39,7 +39,6 @@ import os
 import re
 import secrets
 import threading
-import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -56,17 +55,14 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from conftest import DIALECTS, POSTGRES_URL, drop_pg_schema, make_pg_schema, pg_url
+from conftest import DIALECTS, drop_pg_schema, make_pg_schema, pg_url
 from harness import (
+    AUTH,
     SMS_INBOUND,
     SMS_STATUS,
-    ADMIN_TOKEN,
-    APP_SECRET,
     CUSTOMER,
-    MERCHANT,
     FakeProviders,
     Handle,
-    inbound_button,
     make_settings,
     running_daemon,
     sign,
@@ -81,7 +77,6 @@ pytestmark = pytest.mark.anyio
 HERE = Path(__file__).resolve().parent
 PROVIDERS = HERE / "fixtures" / "providers"
 CORPUS_DIR = HERE / "fixtures" / "fuzz_corpus"
-AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 EXAMPLES = int(os.environ.get("INVOICEIQ_FUZZ_EXAMPLES", "100"))
 RANDOM = os.environ.get("INVOICEIQ_FUZZ_RANDOM", "") == "1"
 MAX_BODY = 65536  # server.max_body_bytes default

@@ -6,11 +6,10 @@ import anyio
 import httpx
 import pytest
 
-from harness import ADMIN_TOKEN, MERCHANT, Handle, make_settings, running_daemon
+from harness import AUTH, MERCHANT, Handle, make_settings, running_daemon
 from invoiceiq.store import Tx
 
 pytestmark = pytest.mark.anyio
-AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 GOOD = {"msisdn": "0712345678", "amount_cents": 250_000, "description": "Cleaning service"}
 
 

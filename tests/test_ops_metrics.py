@@ -5,21 +5,19 @@ providers faked; every wait has a deadline."""
 from __future__ import annotations
 
 import itertools
-import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import anyio
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from harness import (
+    WA_ERRORS,
+    AUTH,
     serving,
     until,
-    ADMIN_TOKEN,
     CUSTOMER,
     MERCHANT,
     PHONE_ID,
@@ -35,14 +33,10 @@ from invoiceiq.daemon import Daemon
 from invoiceiq.store import Tx, invoices
 
 pytestmark = pytest.mark.anyio
-T = TypeVar("T")
 
-AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 METRICS_TOKEN = "metrics-token-for-tests-0123"
 OTHER = "254722000111"
 NOBODY = "254733000222"  # on neither WhatsApp nor SMS: their invoice is created, never sent
-WA_ERRORS = json.loads((Path(__file__).resolve().parent / "fixtures" / "providers"
-                        / "whatsapp_error_responses.json").read_text())
 NOT_ON_WHATSAPP = (WA_ERRORS["131026"]["http_status"], WA_ERRORS["131026"]["body"])
 WA_TRANSIENT = (WA_ERRORS["131000"]["http_status"], WA_ERRORS["131000"]["body"], {})
 

@@ -21,19 +21,19 @@ import itertools
 import json
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import parse_qs
 
-import anyio
 import httpx
 import pytest
 
 from harness import (
+    WA_ERRORS,
+    AUTH,
     until,
-    ADMIN_TOKEN,
     CUSTOMER,
     MERCHANT,
     FakeProviders,
@@ -50,11 +50,8 @@ from invoiceiq.store import Tx, outbox
 from invoiceiq.store.jsonio import loads
 
 pytestmark = pytest.mark.anyio
-T = TypeVar("T")
 
 PROVIDERS_DIR = Path(__file__).resolve().parent / "fixtures" / "providers"
-WA_ERRORS = json.loads((PROVIDERS_DIR / "whatsapp_error_responses.json").read_text())
-AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 OTHER = "254722000111"
 MARKER = "254799000001"  # nobody: the recipient of outbox_pass markers
 START = 1_764_158_400_000

@@ -12,16 +12,15 @@ page from being framed.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
-import anyio
 import httpx
 import pytest
 
 from harness import (
+    AUTH,
     until,
-    ADMIN_TOKEN,
     CUSTOMER,
     MERCHANT,
     FakeProviders,
@@ -35,9 +34,7 @@ from harness import (
 from invoiceiq.store import Tx
 
 pytestmark = pytest.mark.anyio
-T = TypeVar("T")
 
-AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 OTHER = "254722000111"
 CSP = "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'"
 SECURITY_HEADERS = {

@@ -23,7 +23,7 @@ import pytest
 import respx
 
 from harness import (
-    ADMIN_TOKEN,
+    AUTH,
     CUSTOMER,
     DARAJA,
     MERCHANT,
@@ -46,7 +46,6 @@ PROVIDERS_DIR = Path(__file__).resolve().parent / "fixtures" / "providers"
 ACK = {"ResultCode": 0, "ResultDesc": "Accepted"}
 SUBJECT = "Invoice #1001 (KES 2,500)"
 PAY_BUTTON = [("pay_now:1001", "Pay with M-PESA")]
-AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 MINUTE = 60_000
 POLL_S = 0.003
 

@@ -12,7 +12,6 @@ After each scenario:
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -23,13 +22,12 @@ import httpx
 import pytest
 
 from harness import (
-    ADMIN_TOKEN,
+    AUTH,
     CUSTOMER,
     MERCHANT,
     FakeDaraja,
     FakeProviders,
     Handle,
-    Sent,
     make_settings,
     running_daemon,
     stk_callback,
@@ -39,7 +37,6 @@ from invoiceiq.store import Tx
 
 pytestmark = pytest.mark.anyio
 
-AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 SECOND = 1000
 MINUTE = 60 * SECOND
 # A fault: given the request and the clock's time, an httpx.Response to answer with, an exception

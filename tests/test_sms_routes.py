@@ -18,19 +18,17 @@ invoices reach them by SMS, as in real life for whoever texts back.
 from __future__ import annotations
 
 import itertools
-import json
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
-import anyio
 import pytest
 
 from harness import (
+    WA_ERRORS,
+    AUTH,
     until,
     SMS_INBOUND,
     SMS_STATUS,
-    ADMIN_TOKEN,
     CUSTOMER,
     MERCHANT,
     FakeProviders,
@@ -44,12 +42,8 @@ from invoiceiq.store import Tx
 from invoiceiq.store.jsonio import loads
 
 pytestmark = pytest.mark.anyio
-T = TypeVar("T")
 
-PROVIDERS_DIR = Path(__file__).resolve().parent / "fixtures" / "providers"
-WA_ERRORS = json.loads((PROVIDERS_DIR / "whatsapp_error_responses.json").read_text())
 NOT_ON_WHATSAPP = (WA_ERRORS["131026"]["http_status"], WA_ERRORS["131026"]["body"])
-AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 OTHER = "254722000111"
 STRANGER = "254733000222"
 SHORT_CODE = "21345"

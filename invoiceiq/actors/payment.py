@@ -165,13 +165,7 @@ class PaymentActor:
                 log.info("payment_initiated", invoice_id=invoice.id, payment_id=attempt.payment_id, via=via)
                 return _Push(attempt, invoice, via)
             verdict = settlement.PayVerdict.IN_FLIGHT  # another process won the race
-        reply = {
-            settlement.PayVerdict.ALREADY_PAID: copy.already_paid(invoice),
-            settlement.PayVerdict.CANCELLED: copy.pay_cancelled(invoice),
-            settlement.PayVerdict.IN_FLIGHT: copy.prompt_already_sent(invoice, phone),
-            settlement.PayVerdict.TOO_SOON: copy.wait_before_prompt(invoice),
-            settlement.PayVerdict.TOO_MANY: copy.too_many_prompts(invoice, phone),
-        }[verdict]
+        reply = settlement.pay_answer(verdict, invoice, phone)
         # Every answer to a Pay request that starts nothing is bounded: one of each kind per
         # invoice per 10 seconds, not one per tap (a thousand taps make a handful of replies).
         # The in-flight answer after a lost race shares its key with the ordinary one.

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from . import copy
 from .model import Invoice, InvoiceStatus, PaymentStatus
 
 
@@ -111,3 +112,19 @@ def next_query_ms(requested_at_ms: int, queries_done: int, *, first_after_ms: in
 
 def is_expired(requested_at_ms: int, now_ms: int, expire_after_ms: int) -> bool:
     return now_ms - requested_at_ms >= expire_after_ms
+
+
+def pay_answer(verdict: PayVerdict, invoice: Invoice, phone: str) -> copy.Reply:
+    """What the customer is told when a Pay request starts no prompt: in chat, by SMS, or on
+    the pay page (which shows the per-phone refusals itself)."""
+    if verdict is PayVerdict.ALREADY_PAID:
+        return copy.already_paid(invoice)
+    if verdict is PayVerdict.CANCELLED:
+        return copy.pay_cancelled(invoice)
+    if verdict is PayVerdict.IN_FLIGHT:
+        return copy.prompt_already_sent(invoice, phone)
+    if verdict is PayVerdict.TOO_SOON:
+        return copy.wait_before_prompt(invoice)
+    if verdict is PayVerdict.TOO_MANY:
+        return copy.too_many_prompts(invoice, phone)
+    raise ValueError(f"{verdict.value} starts a prompt: there is nothing to answer")

@@ -100,6 +100,15 @@ def request_hash(body: dict[str, Any]) -> str:
     return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
+def _refusal_reason(status: int, answer: dict[str, Any]) -> str | None:
+    """Why a request was refused, in words fit for the log, or None for a success."""
+    if status == 422:
+        return "validation failed"
+    if status in (404, 409, 429):
+        return str(answer.get("reason") or answer.get("error") or status)
+    return None
+
+
 async def idempotent(scope: str, key: str | None, body: dict[str, Any],
                      work: Callable[[Tx], Awaitable[tuple[int, dict[str, Any]]]]) -> Response:
     """Run ``work`` once per Idempotency-Key: the first response (status and body) is replayed
@@ -107,28 +116,27 @@ async def idempotent(scope: str, key: str | None, body: dict[str, Any],
     svc = services()
     digest = request_hash(body)
 
-    async def job(tx: Tx) -> tuple[int, str, dict[str, str]]:
+    async def job(tx: Tx) -> tuple[int, str, dict[str, str], dict[str, Any]]:
+        """(status, body as sent, headers, body as data for the log)."""
         if key is not None:
             stored = await idempotency.begin(tx, scope, key, digest, svc.clock.now_ms())
             if stored is not None:
                 if stored.request_hash != digest:
-                    return 409, orjson.dumps({"error": "Idempotency-Key reused with a different body"}).decode(), {}
-                return stored.status_code, stored.body, {"Idempotent-Replayed": "true"}
+                    reused = {"error": "Idempotency-Key reused with a different body"}
+                    return 409, orjson.dumps(reused).decode(), {}, reused
+                return stored.status_code, stored.body, {"Idempotent-Replayed": "true"}, orjson.loads(stored.body)
         status, result = await work(tx)
         text = orjson.dumps(result).decode()
         if key is not None and status == 429:
             await idempotency.release(tx, scope, key)  # a retry with the same key may succeed later
         elif key is not None:
             await idempotency.finish(tx, scope, key, status, text)
-        return status, text, {}
+        return status, text, {}, result
 
-    status, text, headers = await svc.store.write(job)
-    if status in (404, 409, 422, 429):
+    status, text, headers, answer = await svc.store.write(job)
+    if (reason := _refusal_reason(status, answer)) is not None:
         # Say why in the log too (field names only: values may be personal data).
-        answer = orjson.loads(text)
         fields = sorted(answer.get("errors", {})) if status == 422 else []
-        reason = ("validation failed" if status == 422 else answer["error"] if status == 404
-                  else answer.get("reason") or "Idempotency-Key reused with another body")
         log.warning("api_request_refused", route=scope, status=status, fields=fields, reason=reason)
     return Response(text, status=status, content_type="application/json", headers=headers)
 

@@ -136,11 +136,9 @@ async def show(token: str) -> Response:
         requested = request.args.get("requested", "")
         asked_ms = int(requested) if requested.isdigit() and len(requested) <= 15 else None
         now = svc.clock.now_ms()
-        refused = request.args.get("refused")
-        if refused == settlement.PayVerdict.TOO_SOON.value:
-            body += f"<p class=\"note warn\">{e(copy.wait_before_prompt(invoice).text)}</p>"
-        elif refused == settlement.PayVerdict.TOO_MANY.value:
-            body += f"<p class=\"note warn\">{e(copy.too_many_prompts(invoice, invoice.msisdn).text)}</p>"
+        refused = next((v for v in _REFUSED if v.value == request.args.get("refused")), None)
+        if refused is not None:
+            body += f"<p class=\"note warn\">{e(settlement.pay_answer(refused, invoice, invoice.msisdn).text)}</p>"
         elif asked_ms is not None and attempt is not None and attempt.requested_at_ms >= asked_ms - 1000:
             # Our request's attempt is over without paying: say so, offer the button again.
             code = attempt.result_code if attempt.result_code is not None else "other"
