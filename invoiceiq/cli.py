@@ -31,11 +31,13 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _serve(settings: Settings) -> int:
+    from . import gc_policy
     from .daemon import BindError, Daemon
     from .store import StoreError
 
+    gc_policy.tune()
     try:
-        anyio.run(Daemon(settings).run)
+        anyio.run(Daemon(settings, tune_gc=True).run)
     except BindError as exc:
         print(f"invoiceiq: {exc}", file=sys.stderr)
         return 2

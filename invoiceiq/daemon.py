@@ -13,6 +13,7 @@ beside hypercorn, and stops in order on SIGTERM/SIGINT:
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import secrets
@@ -35,6 +36,7 @@ from .actors.runtime import Pressure, Registry, Supervisor, Waker
 from .actors.scheduler import Scheduler
 from .actors.session import SessionActor
 from .clock import Clock, SystemClock
+from . import gc_policy
 from .config import Settings
 from .gateways.mpesa import DarajaClient
 from .gateways.sms import AfricasTalkingClient
@@ -142,8 +144,12 @@ class Daemon:
         http: httpx.AsyncClient | None = None,
         notifier: Notifier | None = None,
         idle_s: float = 30.0,
+        tune_gc: bool = False,
     ) -> None:
         self.settings = settings
+        # The process-wide collector policy (gc_policy): the CLI's daemon owns its process;
+        # a daemon inside a test process leaves that process's collector alone.
+        self._tune_gc = tune_gc
         self.clock = clock or SystemClock()
         self.metrics = Metrics()
         self.store = Store(settings.database.url)
@@ -161,6 +167,7 @@ class Daemon:
         self.callback_secret: str | None = None
         self.sim_config: Any = None
         self.simulator: Any = None
+        self.app: Any = None  # the ASGI app being served (for benchmarks and tests)
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self._shutdown = anyio.Event()
 
@@ -309,8 +316,11 @@ class Daemon:
                 # One plain line for the person who just typed `make run` (the log is JSON).
                 print(f"InvoiceIQ sandbox (simulated providers, no real money): open {console}",
                       file=sys.stderr, flush=True)
-            app = self.pressure.wrap(app)
+            app = self.app = self.pressure.wrap(app)
             served = anyio.Event()
+            if self._tune_gc:
+                frozen = gc_policy.freeze_startup()
+                log.info("gc_tuned", frozen_objects=frozen, thresholds=list(gc.get_threshold()))
 
             async def serve() -> None:
                 try:

@@ -73,6 +73,14 @@ def test_serve_answers_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     assert events.index("starting") < events.index("ready") < events.index("signal_received") < events.index("stopped")
     assert all({"time", "level", "event"} <= set(line) for line in lines)
     assert (tmp_path / "d.db").exists()
+    # The served process runs the collector policy of gc_policy: start-up frozen, fewer
+    # young collections (a daemon inside a test process leaves its collector alone).
+    from invoiceiq import gc_policy
+
+    tuned = [line for line in lines if line["event"] == "gc_tuned"]
+    assert len(tuned) == 1 and tuned[0]["frozen_objects"] > 10_000
+    assert tuned[0]["thresholds"] == [gc_policy.YOUNG_THRESHOLD, gc_policy.MIDDLE_THRESHOLD, gc_policy.OLD_THRESHOLD]
+    assert events.index("gc_tuned") < events.index("ready")
 
 
 def test_invalid_configuration_exits_before_binding(tmp_path: Path) -> None:

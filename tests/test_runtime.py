@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 import anyio
+import anyio.lowlevel
 import pytest
 
-from invoiceiq.actors.runtime import Mailbox, Registry, Supervisor, Waker, backoff_s
+from invoiceiq.actors.runtime import Mailbox, Pressure, Registry, Supervisor, Waker, backoff_s
 from invoiceiq.clock import ManualClock
 from invoiceiq.observability import Metrics
 
@@ -232,3 +235,100 @@ async def test_waker_wakes_on_news_or_at_the_deadline() -> None:
     waker.wake()
     with anyio.fail_after(1):
         await waker.wait(clock, None)
+
+
+# -- Pressure: background work steps aside while webhooks pour in ---------------------------
+
+
+def _busy(pressure: Pressure) -> None:
+    pressure.rate, pressure.lag_s = pressure.min_rate * 10, pressure.max_lag_s * 10
+
+
+async def test_pressure_lets_background_work_through_unless_the_loop_is_late_under_load() -> None:
+    pressure = Pressure()
+    # Many requests the loop keeps up with (a simulator posting 64 callbacks at once)...
+    pressure.rate, pressure.lag_s = pressure.min_rate * 10, pressure.max_lag_s / 2
+    with anyio.fail_after(1):
+        await pressure.yield_to_requests()
+    # ...or a loop late with background work alone (catching up after a burst): no waiting.
+    pressure.rate, pressure.lag_s = 0.0, pressure.max_lag_s * 10
+    with anyio.fail_after(1):
+        await pressure.yield_to_requests()
+    assert pressure.deferred == 0 and not pressure.busy
+    _busy(pressure)
+    assert pressure.busy
+
+
+async def test_pressure_admits_waiting_jobs_one_at_a_time_in_order_then_all_when_calm() -> None:
+    pressure = Pressure(admit_every_s=0.05)
+    _busy(pressure)
+    admitted: list[int] = []
+
+    async def job(n: int) -> None:
+        await pressure.yield_to_requests()
+        admitted.append(n)
+
+    async with anyio.create_task_group() as tg:
+        for n in range(4):
+            tg.start_soon(job, n)
+            await anyio.lowlevel.checkpoint()  # queue in this order
+        await eventually(lambda: len(admitted) >= 1)
+        assert admitted == [0]  # one per tick, not all of them at the first tick
+        await eventually(lambda: len(admitted) >= 2)
+        assert admitted == [0, 1]
+        pressure.rate = pressure.lag_s = 0.0  # the burst is over
+        await eventually(lambda: len(admitted) == 4)  # the next tick lets everyone go
+    assert admitted == [0, 1, 2, 3] and pressure.deferred == 4
+
+
+async def test_pressure_a_cancelled_waiter_gives_up_its_place() -> None:
+    pressure = Pressure(admit_every_s=0.05)
+    _busy(pressure)
+    admitted: list[str] = []
+
+    async def job(name: str) -> None:
+        await pressure.yield_to_requests()
+        admitted.append(name)
+
+    scopes: list[anyio.CancelScope] = []
+
+    async def cancelled_job() -> None:
+        with anyio.CancelScope() as scope:
+            scopes.append(scope)
+            await job("gone")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(cancelled_job)
+        await anyio.lowlevel.checkpoint()
+        tg.start_soon(job, "kept")
+        await anyio.lowlevel.checkpoint()
+        assert len(pressure._waiting) == 2
+        scopes[0].cancel()
+        await eventually(lambda: admitted == ["kept"])
+    assert len(pressure._waiting) == 0
+
+
+async def test_pressure_measures_a_loop_kept_late_by_requests_and_stops_when_they_stop() -> None:
+    """Through the ASGI middleware: requests that each hold the CPU for 10 ms make the loop
+    late and the door busy; once they stop, the probe stops and the door is calm."""
+    pressure = Pressure(min_rate=20)
+
+    async def app(scope: dict, receive: object, send: object) -> None:  # type: ignore[type-arg]
+        time.sleep(0.01)  # CPU work the loop cannot interleave, as a burst of webhooks
+        await anyio.lowlevel.checkpoint()
+
+    wrapped = pressure.wrap(app)
+    stop = anyio.Event()
+
+    async def client() -> None:
+        while not stop.is_set():
+            await wrapped({"type": "http"}, None, None)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(8):
+            tg.start_soon(client)
+        await eventually(lambda: pressure.busy)
+        assert pressure.rate > pressure.min_rate and pressure.lag_s > pressure.max_lag_s
+        stop.set()
+    await eventually(lambda: pressure._probe_due is None)
+    assert not pressure.busy and pressure.in_flight == 0

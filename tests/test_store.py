@@ -373,3 +373,61 @@ async def test_a_write_cancelled_during_begin_gives_its_connection_back(database
     finally:
         with anyio.fail_after(10):
             await st.close()
+
+
+async def test_a_write_waits_for_another_process_holding_the_sqlite_lock_without_stopping_the_loop(
+        tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """BEGIN IMMEDIATE runs in the event loop when the write lock is free (no thread hop);
+    when another process holds it (a backup, ``invoiceiq prune``) the group waits for it in
+    the committer thread, as long as the busy timeout, while the loop serves everyone else."""
+    import sqlite3
+
+    path = tmp_path / "locked.db"
+    st = Store(f"sqlite:///{path}")
+    await st.open()
+    other = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(st.run_writer)
+            await st.migrate()
+            other.execute("BEGIN IMMEDIATE")  # the other process takes the write lock
+            stored: list[int | None] = []
+            ticks = 0
+
+            async def write() -> None:
+                stored.append(await st.write(lambda tx: inbox.put(
+                    tx, source="test", event_id="e1", actor="session", actor_key="k", kind="text",
+                    payload={}, now_ms=NOW)))
+
+            tg.start_soon(write)
+            with anyio.fail_after(5):
+                while ticks < 20:  # the loop goes on while the write waits for the lock
+                    await anyio.sleep(0.005)
+                    ticks += 1
+            assert stored == []
+            other.execute("COMMIT")  # the lock is free again: the waiting group goes through
+            with anyio.fail_after(5):
+                while not stored:
+                    await anyio.sleep(0.005)
+            assert stored[0] is not None
+            assert await st.read(lambda tx: tx.val("SELECT COUNT(*) FROM inbox")) == 1
+            tg.cancel_scope.cancel()
+    finally:
+        other.close()
+        await st.close()
+
+
+def test_row_ids_are_unique_time_ordered_and_base32() -> None:
+    import time
+
+    from invoiceiq.store.ids import _ALPHABET, _b32, new_id
+
+    assert _b32(0, 4) == "0000" and _b32(31, 2) == "0z" and _b32(32, 2) == "10" and _b32(1024, 4) == "0100"
+    first = new_id("ml")
+    ids = [new_id("ml") for _ in range(20_000)]
+    assert len(set(ids)) == len(ids)
+    assert all(i.startswith("ml_") and len(i) == 25 and set(i[3:]) <= set(_ALPHABET) for i in ids)
+    last_ms = time.time_ns() // 1_000_000
+    while time.time_ns() // 1_000_000 == last_ms:  # a later millisecond sorts after, whatever the random part
+        pass
+    assert new_id("ml") > max([first, *ids])

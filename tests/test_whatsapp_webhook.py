@@ -267,3 +267,20 @@ async def test_the_webhook_answers_without_waiting_for_any_provider_call(databas
             "Invoice #1001 sent to 254712345678. Use 'remind 1001' to nudge or 'cancel 1001' to cancel."])
         assert [s.kind for s in providers.to(CUSTOMER)] == ["template", "interactive"]
         assert providers.texts(CUSTOMER)[1].startswith("Your open invoice: Invoice #1001 (KES 2,500)")
+
+
+@pytest.mark.parametrize(("body", "readable"), [
+    (b"[" * 32 + b"]" * 32, True),                      # as deep as we take
+    (b"[" * 33 + b"]" * 33, False),                     # one level more: refused at the door
+    (b'{"a":' * 33 + b"1" + b"}" * 33, False),
+    (b'{"text":"' + b"[{" * 40 + b'"}', True),          # brackets inside a string are no depth
+    (b"[" + b"[1]," * 200 + b"1]", True),               # many brackets, shallow: the walk decides
+    (b"[" * 20 + b'{"x":' * 13 + b"1" + b"}" * 13 + b"]" * 20, False),
+    (b"not json", False),
+])
+def test_decode_json_refuses_what_we_could_not_store_again(body: bytes, readable: bool) -> None:
+    from invoiceiq.web.common import decode_json
+
+    ok, value = decode_json(body)
+    assert ok is readable
+    assert (value is not None) is readable

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 import time
@@ -127,44 +128,117 @@ class Waker:
 
 
 class Pressure:
-    """How busy the front door is, so that background work can step aside during a burst.
+    """How busy the front door is, so that background work steps aside during a burst.
 
-    The web layer counts requests in flight. Background workers (keyed actors, the outbox)
-    call ``yield_to_requests`` before each job: while more than ``threshold`` requests are
-    waiting they pause a little, but never more than ``max_wait_s`` per job, so background
-    work slows down during a burst without ever stopping. Webhooks are stored before their
-    200 either way: what waits is only the follow-up (replies, sends), which the inbox and
-    the outbox keep safe meanwhile.
+    A probe timer measures how late the event loop runs it (its *lag*: how long the
+    callbacks ahead of it kept the CPU) and how many requests arrived meanwhile. The door is
+    *busy* when requests arrive faster than ``min_rate`` per second **and** the loop lags by
+    more than ``max_lag_s``, both as moving averages. Many requests the loop keeps up with (a
+    simulator posting 64 callbacks at once to an idle daemon) are no reason to hold replies
+    back, nor is a loop late with background work alone (catching up after a burst); a loop
+    late while webhooks pour in means the CPU is the bottleneck, and what it spends on
+    background work it takes from webhooks that must be stored and answered.
+
+    (Requests in flight are no such signal: they wait for the same group commit, so the
+    count swings from 0 to every connection and back with each commit.)
+
+    While busy, background workers (keyed actors, the outbox) calling ``yield_to_requests``
+    are admitted one at a time, first come first served, one every ``admit_every_s``: the
+    follow-up (replies, sends) keeps moving at a bounded rate and never starves, and the
+    inbox and the outbox keep it safe meanwhile. When the door is calm again everyone
+    waiting goes at once. One timer serves all the waiters (a poll per worker cost a few
+    percent of the CPU during exactly the bursts this protects).
     """
 
-    def __init__(self, threshold: int = 16, step_s: float = 0.01, max_wait_s: float = 0.25) -> None:
+    def __init__(self, *, min_rate: float = 200.0, max_lag_s: float = 0.002, admit_every_s: float = 0.01,
+                 probe_every_s: float = 0.005, smoothing: float = 0.2) -> None:
+        self.min_rate = min_rate
+        self.max_lag_s = max_lag_s
+        self.admit_every_s = admit_every_s
+        self.probe_every_s = probe_every_s
+        self.smoothing = smoothing
+        self.lag_s = 0.0  # moving averages, kept while requests come in
+        self.rate = 0.0
         self.in_flight = 0
-        self.threshold = threshold
-        self.step_s = step_s
-        self.max_wait_s = max_wait_s
-        self.deferred = 0
+        self.deferred = 0  # background jobs that had to wait, since start
+        self._arrived = 0
+        self._waiting: deque[anyio.Event] = deque()
+        self._admitter: asyncio.TimerHandle | None = None
+        self._probe_due: float | None = None  # None: the probe is not running
+        self._probed_at = 0.0
 
     @property
     def busy(self) -> bool:
-        return self.in_flight > self.threshold
+        return self.rate > self.min_rate and self.lag_s > self.max_lag_s
 
     async def yield_to_requests(self) -> None:
-        waited = 0.0
-        while self.in_flight > self.threshold and waited < self.max_wait_s:
-            if waited == 0.0:
-                self.deferred += 1
-            await anyio.sleep(self.step_s)
-            waited += self.step_s
+        """Return at once when the door is calm; else wait for this job's turn."""
+        if not self.busy:
+            return
+        self.deferred += 1
+        admitted = anyio.Event()
+        self._waiting.append(admitted)
+        if self._admitter is None:
+            self._admitter = asyncio.get_running_loop().call_later(self.admit_every_s, self._admit)
+        try:
+            await admitted.wait()
+        finally:
+            if not admitted.is_set():  # cancelled while waiting: give up the place
+                self._waiting.remove(admitted)
+
+    def _admit(self) -> None:
+        self._admitter = None
+        if not self.busy:
+            self._admit_all()
+            return
+        if self._waiting:
+            self._waiting.popleft().set()
+        if self._waiting:
+            self._admitter = asyncio.get_running_loop().call_later(self.admit_every_s, self._admit)
+
+    def _admit_all(self) -> None:
+        while self._waiting:
+            self._waiting.popleft().set()
+        if self._admitter is not None:
+            self._admitter.cancel()
+            self._admitter = None
+
+    def _probe(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        assert self._probe_due is not None
+        lag = max(0.0, now - self._probe_due)
+        rate = self._arrived / max(now - self._probed_at, 1e-6)
+        self._arrived, self._probed_at = 0, now
+        self.lag_s += (lag - self.lag_s) * self.smoothing
+        self.rate += (rate - self.rate) * self.smoothing
+        if self.in_flight == 0 and self.rate < 1.0:
+            self._probe_due = None  # quiet: sleep until the next request
+            self.rate = self.lag_s = 0.0
+        else:
+            self._probe_due = now + self.probe_every_s
+            loop.call_at(self._probe_due, self._probe)
+        if self._waiting and not self.busy:
+            self._admit_all()
+
+    def _started(self) -> None:
+        self.in_flight += 1
+        self._arrived += 1
+        if self._probe_due is None:
+            loop = asyncio.get_running_loop()
+            self._probed_at = loop.time()
+            self._probe_due = self._probed_at + self.probe_every_s
+            loop.call_at(self._probe_due, self._probe)
 
     def wrap(self, app: Any) -> Any:
-        """ASGI middleware counting HTTP requests in flight."""
+        """ASGI middleware feeding the probe (and the latency histogram's start time)."""
 
         async def counted(scope: dict[str, Any], receive: Any, send: Any) -> None:
             if scope["type"] != "http":
                 await app(scope, receive, send)
                 return
-            self.in_flight += 1
-            scope["iq_started"] = time.perf_counter()  # for the latency histogram
+            self._started()
+            scope["iq_started"] = time.perf_counter()
             try:
                 await app(scope, receive, send)
             finally:

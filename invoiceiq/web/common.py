@@ -29,6 +29,10 @@ def decode_json(raw: bytes) -> tuple[bool, Any]:
         value = orjson.loads(raw)
     except orjson.JSONDecodeError:
         return False, None
+    if raw.count(b"{") + raw.count(b"[") <= MAX_JSON_DEPTH:
+        # Each level opens one bracket, so this body cannot nest deeper (brackets inside
+        # strings only make the count larger): skip the walk, the common case by far.
+        return True, value
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         item, depth = stack.pop()
