@@ -185,7 +185,7 @@ def _reconcile(settings: Settings, invoice_ref: str | None) -> int:
         return 2
 
     async def work(store: Store) -> tuple[int, dict[str, int]]:
-        attempts = await store.read(payments.unresolved)
+        attempts = await store.scan(payments.unresolved)
         if invoice_id is not None:
             attempts = [a for a in attempts if a.invoice_id == invoice_id]
         if not attempts:

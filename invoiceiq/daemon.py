@@ -213,7 +213,7 @@ class Daemon:
                 applied = await self.store.migrate()
                 if applied:
                     log.info("migrations_applied", versions=applied)
-                created, sent, paid = await self.store.read(invoices.totals)
+                created, sent, paid = await self.store.scan(invoices.totals)
                 self.metrics.set_totals(created, sent, paid)
                 owns_http = self._http is None
                 http = self._http or _make_http()

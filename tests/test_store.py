@@ -431,3 +431,30 @@ def test_row_ids_are_unique_time_ordered_and_base32() -> None:
     while time.time_ns() // 1_000_000 == last_ms:  # a later millisecond sorts after, whatever the random part
         pass
     assert new_id("ml") > max([first, *ids])
+
+
+async def test_a_read_never_sees_a_write_that_is_not_committed_yet(store: Store) -> None:
+    """SQLite reads run in the event loop on a connection of their own, not the writer's: a
+    row of a group still open (not yet on disk) is invisible until its COMMIT."""
+    inside = anyio.Event()
+    release = anyio.Event()
+
+    async def slow_job(tx: Tx) -> None:
+        await inbox.put(tx, source="test", event_id="uncommitted", actor="session", actor_key="k",
+                        kind="text", payload={}, now_ms=NOW)
+        inside.set()
+        await release.wait()  # the group (and its transaction) stays open meanwhile
+
+    async def count(tx: Tx) -> int:
+        return int(await tx.val("SELECT COUNT(*) FROM inbox WHERE event_id = 'uncommitted'") or 0)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(store.write, slow_job)
+        try:
+            with anyio.fail_after(5):
+                await inside.wait()
+            seen = await store.read(count), await store.scan(count)
+        finally:
+            release.set()  # the writer's group is shielded: let it finish either way
+    assert seen == (0, 0)
+    assert await store.read(count) == 1

@@ -221,7 +221,7 @@ class OutboxActor:
                     continue
                 deadline = now + POLL_MS
                 if free > 0:
-                    next_due = await self.store.read(lambda tx: outbox.next_due_ms(tx, now, channels))
+                    next_due = await self.store.scan(lambda tx: outbox.next_due_ms(tx, now, channels))
                     if next_due is not None:
                         deadline = min(deadline, max(next_due, now + 1))
                 for until in self._paused_until.values():
@@ -229,7 +229,7 @@ class OutboxActor:
                         deadline = min(deadline, until)
                 if anyio.current_time() - gauge_at >= 1.0:  # a COUNT per second is plenty
                     gauge_at = anyio.current_time()
-                    self.core.metrics.outbox_pending.set(await self.store.read(outbox.pending_count))
+                    self.core.metrics.outbox_pending.set(await self.store.scan(outbox.pending_count))
                 await self.waker.wait(self.clock, deadline)
 
     async def drain(self) -> None:

@@ -47,7 +47,7 @@ class Scheduler:
         while not self.stopping.is_set():
             now = self.clock.now_ms()
             horizon = now if started else now - SWEEP_AFTER_MS
-            resumed = await self.store.read(lambda tx: inbox.unprocessed_keys(tx, horizon))
+            resumed = await self.store.scan(lambda tx: inbox.unprocessed_keys(tx, horizon))
             if started and resumed:
                 log.info("resuming_stored_work", keys=len(resumed))
             for actor, key in resumed:

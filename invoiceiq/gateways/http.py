@@ -170,7 +170,7 @@ def make_client(timeout_s: float = 10.0) -> httpx.AsyncClient:
         # Connecting should be quick; a provider that can't accept a connection in a few
         # seconds is down, and a short connect timeout fails the safe (unsent) way sooner.
         timeout=httpx.Timeout(timeout_s, connect=min(5.0, timeout_s)),
-        limits=httpx.Limits(max_connections=50, max_keepalive_connections=10, keepalive_expiry=30.0),
+        limits=httpx.Limits(max_connections=50, max_keepalive_connections=50, keepalive_expiry=30.0),
         headers={"User-Agent": USER_AGENT},
         # Provider APIs never redirect a POST legitimately; following one could resend a payment.
         follow_redirects=False,

@@ -48,7 +48,12 @@ class Store:
         return await self.db.write(job)
 
     async def read(self, job: Job[T]) -> T:
+        """A read of a few rows (found through an index): inline on SQLite."""
         return await self.db.read(job)
+
+    async def scan(self, job: Job[T]) -> T:
+        """A read whose time grows with the data (counts, listings, sweeps): off the loop."""
+        return await self.db.scan(job)
 
     async def check(self, timeout_s: float = 2.0) -> str | None:
         """None when the database answers a read and takes a write; else what failed."""

@@ -213,6 +213,6 @@ async def list_invoices() -> Response:
     if not limit_arg.isdigit() or not 1 <= int(limit_arg) <= MAX_LIST:
         return json_response({"error": "validation failed", "errors": {
             "limit": f"must be a whole number between 1 and {MAX_LIST}"}}, 422)
-    found = await svc.store.read(lambda tx: invoices.listing(tx, status, int(limit_arg)))
+    found = await svc.store.scan(lambda tx: invoices.listing(tx, status, int(limit_arg)))
     base = svc.settings.server.public_base_url
     return json_response({"invoices": [invoice_json(i, base) for i in found]})
