@@ -54,7 +54,7 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 ACTOR = "session"
-BATCH = 50  # events applied per transaction; a flood is worked off in slices
+BATCH = 16  # events applied per transaction; a flood is worked off in slices, taking turns
 POISON_AFTER = 3  # crashes of one event's step before it is set aside (dead-lettered)
 # Answers to taps that name no invoice of the sender's (a stranger's Pay / View details, "pay"
 # with several open invoices, someone else's number) are hints too: at most this many per
@@ -99,29 +99,31 @@ class SessionActor:
         return "merchant" if key == self.settings.merchant.msisdn else "customer"
 
     async def handle(self, key: str, _message: Any) -> None:
-        """Registry handler: apply everything waiting for conversation ``key``."""
-        while True:
-            after = _AfterCommit()
-            careful = key in self._careful
-            try:
-                await self.store.write(lambda tx: self._process(tx, key, after, 1 if careful else BATCH))
-            except (StoreError, Conflict):
-                raise  # the database, not the event: the registry retries with backoff
-            except Exception:
-                await self._poisoned(key, careful)
-                raise
-            self._careful.discard(key)
-            for invoice_id in after.created:
-                self.metrics.invoices_created.inc()
-                log.info("invoice_created", invoice_id=invoice_id, source="chat")
-            if after.queued:
-                self.dispatch.wake("outbox")
-            for invoice_id in after.payments:
-                self.dispatch.kick("payment", invoice_id)
-            if after.timer_changed:
-                self.dispatch.wake("scheduler")
-            if not after.more:
-                return
+        """Registry handler: apply a slice of what is waiting for conversation ``key``."""
+        after = _AfterCommit()
+        careful = key in self._careful
+        try:
+            await self.store.write(lambda tx: self._process(tx, key, after, 1 if careful else BATCH))
+        except (StoreError, Conflict):
+            raise  # the database, not the event: the registry retries with backoff
+        except Exception:
+            await self._poisoned(key, careful)
+            raise
+        self._careful.discard(key)
+        for invoice_id in after.created:
+            self.metrics.invoices_created.inc()
+            log.info("invoice_created", invoice_id=invoice_id, source="chat")
+        if after.queued:
+            self.dispatch.wake("outbox")
+        for invoice_id in after.payments:
+            self.dispatch.kick("payment", invoice_id)
+        if after.timer_changed:
+            self.dispatch.wake("scheduler")
+        if after.more:
+            # More is waiting: to the back of the line, through the front door's admission
+            # again (runtime.Pressure), rather than on and on in one go; other conversations
+            # take their turns in between.
+            self.dispatch.kick(ACTOR, key)
 
     async def _poisoned(self, key: str, careful: bool) -> None:
         """A step crashed. Retry one event at a time; once a single event has crashed its step
