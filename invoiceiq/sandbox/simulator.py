@@ -73,7 +73,13 @@ class Simulator:
     # -- running -------------------------------------------------------------------------------------
     async def run(self) -> None:
         """Deliver queued webhooks/callbacks and time out prompts, until cancelled."""
-        client = self._http or httpx.AsyncClient(timeout=self.config.delivery_timeout_s)
+        # Keep alive every connection the deliveries open (httpx keeps 20 by default): with more
+        # deliveries at once than that, each one over the limit would reconnect, which costs
+        # the daemon a new connection per webhook too.
+        slots = max(20, self.config.delivery_concurrency)
+        client = self._http or httpx.AsyncClient(
+            timeout=self.config.delivery_timeout_s,
+            limits=httpx.Limits(max_connections=slots, max_keepalive_connections=slots))
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self.outbox.run, client)
