@@ -364,7 +364,9 @@ class Database:
         self._writer = GroupCommitWriter(raw)
         # The inline reader (see read): its own connection, so that it never sees the
         # writer's open group (uncommitted, not yet durable).
-        reader = sqlite3.connect(target, isolation_level=None, uri=target.startswith("file:"))
+        # In WAL mode a reader never waits for the writer; only an exclusive lock (a VACUUM
+        # by hand) could make it wait, and then the loop waits: 1 s at most, not the default 5.
+        reader = sqlite3.connect(target, isolation_level=None, timeout=1.0, uri=target.startswith("file:"))
         reader.row_factory = _dict_row
         reader.execute("PRAGMA query_only=1")
         self._inline_raw = reader
