@@ -995,3 +995,41 @@ async def test_restart_while_picking_a_customer_or_editing_the_review(database_u
         # Still editing: the answer goes back to the review, not on to the description.
         assert texts(await said(h, "3000")) == [review("254712345678", "—", "3,000", "Cleaning service")]
     assert not any(schema_problems(fake) for fake in fakes)
+
+
+async def test_a_merchants_backlog_is_worked_off_in_slices_taking_turns_with_customers(h: Handle, clock: ManualClock) -> None:
+    """A campaign leaves hundreds of merchant messages waiting. The session actor applies one
+    slice of them per turn and goes to the back of the line (the front door's admission and
+    the other conversations come in between), instead of holding the loop until the last."""
+    from invoiceiq.actors.session import BATCH
+
+    registry = h.daemon.dispatch.registries["session"]
+    handled: list[str] = []
+    inner = registry._handler
+
+    async def recording(key: str, message: Any) -> None:
+        handled.append("merchant" if key == MERCHANT else "customer")
+        await inner(key, message)
+
+    registry._handler = recording
+    waiting = 2 * BATCH + 5
+
+    async def backlog(tx: Tx) -> None:
+        now = clock.now_ms()
+        for i in range(waiting):
+            await inbox.put(tx, source="whatsapp", event_id=f"wamid.backlog.{i}", actor="session",
+                            actor_key=MERCHANT, kind="text", now_ms=now,
+                            payload={"from": MERCHANT, "kind": "text", "text": "help", "timestamp_s": now // 1000})
+        await inbox.put(tx, source="whatsapp", event_id="wamid.customer.1", actor="session",
+                        actor_key=CUSTOMER, kind="text", now_ms=now,
+                        payload={"from": CUSTOMER, "kind": "text", "text": "hello", "timestamp_s": now // 1000})
+
+    await h.store.write(backlog)
+    h.daemon.dispatch.kick("session", MERCHANT)
+    h.daemon.dispatch.kick("session", CUSTOMER)
+    await h.settle()
+    assert handled.count("merchant") == 3  # 16 + 16 + 5
+    assert handled.index("customer") < len(handled) - 1  # served before the merchant's last slice
+    processed = await h.store.read(lambda tx: tx.val(
+        "SELECT COUNT(*) FROM inbox WHERE event_id LIKE 'wamid.backlog.%' AND processed_at_ms IS NOT NULL"))
+    assert processed == waiting
