@@ -153,6 +153,7 @@ class Daemon:
         self.clock = clock or SystemClock()
         self.metrics = Metrics()
         self.store = Store(settings.database.url)
+        self.metrics.watch_writer(self.store.db.writer_stats)
         self.notifier = notifier or Notifier.from_env()
         self._http = http
         self._idle_s = idle_s

@@ -16,11 +16,12 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
 
 # Kenyan mobile numbers in any of the forms people type; masked wherever they occur.
 _PHONE_RE = re.compile(r"(?<!\d)(?:\+?254|0)?[17]\d{8}(?!\d)")
@@ -179,5 +180,24 @@ class Metrics:
         sent = self.invoices_sent._value.get()
         self.conversion_ratio.set(self.invoices_paid._value.get() / sent if sent else 0)
 
+    def watch_writer(self, stats: Callable[[], tuple[int, int] | None]) -> None:
+        """Export the SQLite writer's (groups, jobs) committed, read at scrape time: jobs per
+        group is the group commit at work (near 1 under load means one fsync per webhook)."""
+        self.registry.register(_WriterCollector(stats))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _WriterCollector:
+    def __init__(self, stats: Callable[[], tuple[int, int] | None]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats()
+        if stats is None:  # PostgreSQL: no single writer
+            return
+        groups, jobs = stats
+        yield CounterMetricFamily("invoiceiq_db_write_groups", "SQLite write groups committed (one fsync each)",
+                                  value=groups)
+        yield CounterMetricFamily("invoiceiq_db_write_jobs", "Write jobs committed in those groups", value=jobs)

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -269,3 +270,22 @@ async def test_messages_total_and_outbox_pending_follow_a_sent_message(database_
         assert value(samples, "invoiceiq_messages_total", channel="WHATSAPP", direction="OUT", event="failed") is None
         assert value(samples, "invoiceiq_messages_total", channel="SMS", direction="OUT", event="sent") is None
         assert value(samples, "invoiceiq_invoices_sent_total") == 1
+
+
+async def test_the_sqlite_writers_group_commit_is_in_the_metrics(database_url: str) -> None:
+    """invoiceiq_db_write_groups/_jobs: jobs per group shows the group commit at work; on
+    PostgreSQL (a pool, no single writer) neither is exported."""
+    async with running_daemon(make_settings(database_url)) as h:
+        async with anyio.create_task_group() as tg:  # 20 webhooks at once: fewer groups than jobs
+            for n in range(20):
+                tg.start_soon(h.say, f"2547200000{n:02d}", "hello")
+        await h.settle()
+        samples = await scrape(h)
+        groups = value(samples, "invoiceiq_db_write_groups_total")
+        jobs = value(samples, "invoiceiq_db_write_jobs_total")
+        if database_url.startswith("postgresql"):
+            assert groups is None and jobs is None
+            return
+        assert groups is not None and jobs is not None
+        assert jobs >= 20 + 20  # each webhook's job and each reply's, at least
+        assert groups < jobs

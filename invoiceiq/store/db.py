@@ -169,7 +169,8 @@ class GroupCommitWriter:
         self._wake: asyncio.Event | None = None
         self._space: asyncio.Event | None = None
         self._closed = False
-        self.commits = 0
+        self.commits = 0  # groups committed
+        self.jobs = 0  # jobs in them (failed jobs included: their group committed)
         self.last_error: str | None = None
         self.failed_at: float | None = None
         self.failure: str | None = None  # the last failure, kept after later successes
@@ -253,6 +254,7 @@ class GroupCommitWriter:
             self._fail_all(batch, exc)
             return
         self.commits += 1
+        self.jobs += len(batch)
         self.last_error = None
         for (_, future), (ok, value) in zip(batch, outcomes):
             if future.done():
@@ -423,6 +425,10 @@ class Database:
         """The SQLite writer's loop (a supervised task); returns at once on PostgreSQL."""
         if self._writer is not None:
             await self._writer.run()
+
+    def writer_stats(self) -> tuple[int, int] | None:
+        """(groups, jobs) the SQLite writer has committed; None on PostgreSQL."""
+        return (self._writer.commits, self._writer.jobs) if self._writer is not None else None
 
     def writer_failed_recently(self, within_s: float = 15.0) -> str | None:
         """A real write failed lately (SQLite): a readiness probe's tiny write may still fit on
