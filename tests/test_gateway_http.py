@@ -3,6 +3,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
+import anyio
 import httpx
 import pytest
 import respx
@@ -128,3 +129,29 @@ async def test_make_client() -> None:
         assert default.timeout.read == 10.0 and default.timeout.connect == 5.0
     finally:
         await default.aclose()
+
+
+
+@pytest.mark.anyio
+async def test_a_provider_call_ends_before_the_shortest_outbox_lease(monkeypatch: pytest.MonkeyPatch) -> None:
+    """httpx's timeouts are per phase (pool 10 + connect 5 + write 10 + read 10 s could add up
+    to 35 s); the outbox leases a row for as little as 15 s while it sends it, and a call that
+    outlived the lease would let another worker send the message again. ``request`` bounds the
+    whole call, and a call cut off counts as an answer lost (it may have been sent)."""
+    from invoiceiq.config import _VALIDATORS
+    from invoiceiq.gateways import http as gw
+
+    with pytest.raises(Exception):
+        _VALIDATORS["outbox.lease_s"](14, True)
+    assert gw.TOTAL_TIMEOUT_S < 15
+
+    async def trickle(request: httpx.Request) -> httpx.Response:
+        await anyio.sleep(10)  # every phase within its own timeout, the whole too long
+        return httpx.Response(200)
+
+    monkeypatch.setattr(gw, "TOTAL_TIMEOUT_S", 0.05)
+    async with httpx.AsyncClient(transport=httpx.MockTransport(trickle)) as client:
+        with anyio.fail_after(5):
+            with pytest.raises(TransientError) as caught:
+                await gw.request(client, "whatsapp", "POST", "https://graph.test/x")
+    assert caught.value.code == "timeout" and caught.value.maybe_processed

@@ -20,12 +20,18 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import anyio
 import httpx
 import orjson
 
 from invoiceiq import __version__
 
 USER_AGENT = f"InvoiceIQ/{__version__}"
+# One provider call, start to finish. httpx's timeouts are per phase (pool, connect, write,
+# read: up to 35 s together with make_client's), and the outbox leases a row for as little
+# as 15 s (outbox.lease_s) while it sends it: a call outliving the lease would let another
+# worker send the same message again.
+TOTAL_TIMEOUT_S = 12.0
 
 # Provider texts end up in logs; keep them short so one odd response can't flood a log line.
 _REASON_MAX = 200
@@ -159,9 +165,13 @@ async def request(
 ) -> httpx.Response:
     """``http.request`` with transport failures already translated into the taxonomy."""
     try:
-        return await http.request(method, url, **kwargs)
+        with anyio.fail_after(TOTAL_TIMEOUT_S):
+            return await http.request(method, url, **kwargs)
     except httpx.RequestError as exc:
         raise classify_transport_error(exc, provider) from exc
+    except TimeoutError as exc:
+        # Cut off in any phase: it may have been sent, so it counts as an answer lost.
+        raise TransientError(provider, "timeout", "TotalTimeout", maybe_processed=True) from exc
 
 
 def make_client(timeout_s: float = 10.0) -> httpx.AsyncClient:
