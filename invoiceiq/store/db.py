@@ -5,7 +5,9 @@ The rules from notes/stack.md are applied here once, so no other module has to k
 * every connection is *held* (``databases`` opens a connection and a thread per query
   otherwise, and loses per-connection PRAGMAs);
 * SQLite writes go through one ``GroupCommitWriter`` that runs queued jobs in one
-  transaction, one SAVEPOINT each, and commits (one fsync) for the whole group;
+  transaction, one SAVEPOINT each, and commits (one fsync) for the whole group; SQLite
+  point reads run in the loop on a read-only connection of their own (``read``), reads
+  that grow with the data in reader threads (``scan``);
 * PostgreSQL jobs each get a pooled connection and their own transaction, retried on
   serialization failures and on ``Conflict`` (a lost compare-and-set);
 * a job never starts child tasks (a ``databases`` transaction belongs to one task).
@@ -88,11 +90,12 @@ def _pg_params(params: Mapping[str, Any] | None) -> dict[str, Any] | None:
 
 
 class SqliteTx(Tx):
-    """The SQLite writer's Tx: statements run on a stdlib ``sqlite3`` connection, in the event
-    loop's thread, without a thread hop or a SQLAlchemy compile per statement (measured in
-    bench/: those cost 0.2-0.7 ms and 0.14 ms of CPU per statement through ``databases`` and
-    made the single writer the bottleneck). Point statements on an open transaction take
-    microseconds; BEGIN and the fsync of COMMIT, which can wait, run in a worker thread."""
+    """SQLite's Tx for the writer and the inline reader: statements run on a stdlib
+    ``sqlite3`` connection, in the event loop's thread, without a thread hop or a SQLAlchemy
+    compile per statement (measured in bench/: those cost 0.2-0.7 ms and 0.14 ms of CPU per
+    statement through ``databases`` and made the single writer the bottleneck). Point
+    statements take microseconds; only what can wait (the fsync of COMMIT, a BEGIN behind
+    another process's lock) runs in a thread."""
 
     __slots__ = ("_raw",)
 
