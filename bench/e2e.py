@@ -994,6 +994,21 @@ class CpuWatch:
         return out
 
 
+def cpu_ms_per_flow(run: dict[str, Any]) -> dict[str, float] | None:
+    """CPU milliseconds per completed flow of the daemon, the simulators and the driver over
+    the concurrent run: the cost that caps throughput on one core, whoever is the bottleneck
+    (1 core / this = the most flows a second that process could serve)."""
+    cpu, completed = run.get("cpu") or {}, run.get("completed") or 0
+    wall = cpu.get("wall_s")
+    if not completed or not wall:
+        return None
+    out = {}
+    for who, key in (("daemon", "server_cpu_pct"), ("simulators", "sim_cpu_pct"), ("driver", "driver_cpu_pct")):
+        if cpu.get(key) is not None:
+            out[who] = round(cpu[key] / 100.0 * float(wall) * 1000.0 / completed, 1)
+    return out
+
+
 def _self_cpu_s() -> float:
     import os
 

@@ -399,6 +399,9 @@ def _cpu_note(run: dict[str, Any]) -> str:
     if "sim_cpu_pct" in cpu:
         parts.append(f"simulators {cpu['sim_cpu_pct']:.0f}% + driver {cpu.get('driver_cpu_pct', 0):.0f}%"
                      f" + others {cpu.get('other_on_load_cpu_pct', 0):.0f}% on the load core")
+    per_flow = run.get("cpu_ms_per_flow") or {}
+    if per_flow:
+        parts.append("CPU per flow " + ", ".join(f"{who} {ms:.0f} ms" for who, ms in per_flow.items()))
     return "; " + ", ".join(parts)
 
 

@@ -188,6 +188,7 @@ def end_to_end(plan: EndToEndPlan, ctx: Context) -> dict[str, Any]:
     run["not_started"] = conc["not_started"]
     run["concurrency"] = plan.concurrency
     run.update({k: v for k, v in around.out.items() if k in ("cpu", "profiles")})
+    run["cpu_ms_per_flow"] = e2e.cpu_ms_per_flow(run)
     p99_max = plan.target_p99_ms_over_providers + plan.providers_on_path_ms
     p99 = (run.get("latency_ms") or {}).get("p99")
     met = {
@@ -282,6 +283,7 @@ def state_at_scale(plan: StateAtScalePlan, e2e_plan: EndToEndPlan, ctx: Context,
     run = e2e.summarise(conc["results"], conc["wall_s"])
     run["not_started"] = conc["not_started"]
     run.update({k: v for k, v in around.out.items() if k in ("cpu", "profiles")})
+    run["cpu_ms_per_flow"] = e2e.cpu_ms_per_flow(run)
     seeded_ms = seeded_single.get("latency_ms_median")
     empty_ms = empty["single"].get("latency_ms_median")
     ratio = round(seeded_ms / empty_ms, 3) if seeded_ms and empty_ms else None

@@ -74,6 +74,8 @@ def test_quick_bench_runs_and_writes_the_json() -> None:
     assert run["flows_per_minute"] > 0 and run["latency_ms"]["p50"] > 0 and run["latency_ms"]["p99"] > 0
     assert set(run["stages_ms"]) >= {"merchant_msg_to_template", "tap_to_prompt", "pay_to_merchant_receipt"}
     assert "server_cpu_pct" in run["cpu"] and "sim_cpu_pct" in run["cpu"]
+    assert set(run["cpu_ms_per_flow"]) == {"daemon", "simulators", "driver"}  # what caps throughput
+    assert run["cpu_ms_per_flow"]["daemon"] > 0 and run["cpu_ms_per_flow"]["simulators"] > 0
     assert e2e["single"]["latency_ms_median"] > 0
     checks = e2e["checks"]
     assert checks["ok"], checks["problems"]
