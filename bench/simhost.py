@@ -29,6 +29,7 @@ import httpx
 from hypercorn.asyncio import serve
 from hypercorn.config import Config as HypercornConfig
 
+from invoiceiq.gateways.transport import PoolTransport
 from invoiceiq.sandbox import SimConfig, Simulator
 
 
@@ -58,7 +59,9 @@ def make_client(config: SimConfig, rewrites: list[tuple[str, str]]) -> httpx.Asy
     # One keep-alive connection per concurrent delivery: no reconnects under load.
     limits = httpx.Limits(max_connections=config.delivery_concurrency + 8,
                           max_keepalive_connections=config.delivery_concurrency + 8, keepalive_expiry=60)
-    inner = httpx.AsyncHTTPTransport(limits=limits)
+    # The daemon's own transport (cheap idle-connection checks, invoiceiq/gateways/transport.py):
+    # the simulators share the load core with the driver and are the first to fill it.
+    inner = PoolTransport(limits)
     return httpx.AsyncClient(transport=RewriteTransport(rewrites, inner), timeout=config.delivery_timeout_s)
 
 

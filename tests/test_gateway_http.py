@@ -155,3 +155,90 @@ async def test_a_provider_call_ends_before_the_shortest_outbox_lease(monkeypatch
             with pytest.raises(TransientError) as caught:
                 await gw.request(client, "whatsapp", "POST", "https://graph.test/x")
     assert caught.value.code == "timeout" and caught.value.maybe_processed
+
+
+# -- the pool's transport (gateways/transport.py) ---------------------------------------------
+
+
+async def _keepalive_server(close_after_each: bool = False):  # type: ignore[no-untyped-def]
+    """A tiny HTTP/1.1 server on loopback: answers 200 and keeps the connection open, or closes
+    it right after each answer without saying so (as a server timing out idle clients does)."""
+    import asyncio
+
+    connections: list[int] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                if length:
+                    await reader.readexactly(length)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: application/json\r\n\r\n{}")
+                await writer.drain()
+                if close_after_each:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1], connections
+
+
+@pytest.mark.anyio
+async def test_the_pool_checks_idle_connections_without_asking_the_socket_everything(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each request makes httpcore ask every idle connection whether the server closed it;
+    through anyio that cost a getpeername() (and a dict of every attribute) per connection
+    per question. Our transport asks with one poll: 20 requests over 5 kept-alive connections
+    make no getpeername at all after the connections are made."""
+    import socket
+
+    from invoiceiq.gateways.transport import PoolTransport, _Backend
+
+    server, port, connections = await _keepalive_server()
+    calls = {"n": 0}
+    real = socket.socket.getpeername
+
+    def counting(self):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        return real(self)
+
+    async with server, make_client() as client:
+        assert isinstance(client._transport, PoolTransport)
+        assert isinstance(client._transport._pool._network_backend, _Backend)  # an httpx upgrade must not drop it
+        async with anyio.create_task_group() as tg:  # 5 connections, then all idle
+            for _ in range(5):
+                tg.start_soon(client.post, f"http://127.0.0.1:{port}/x", )
+        monkeypatch.setattr(socket.socket, "getpeername", counting)
+        for _ in range(20):
+            response = await client.post(f"http://127.0.0.1:{port}/x", json={"n": 1})
+            assert response.status_code == 200
+    assert len(connections) == 5  # kept alive and reused
+    assert calls["n"] == 0
+
+
+@pytest.mark.anyio
+async def test_a_connection_the_server_closed_while_idle_is_not_reused() -> None:
+    """The cheaper check still answers the question: a server that closes idle connections
+    without a word costs a new connection, never a failed (maybe sent) request."""
+    server, port, connections = await _keepalive_server(close_after_each=True)
+    async with server, make_client() as client:
+        for _ in range(5):
+            response = await client.post(f"http://127.0.0.1:{port}/x", json={"n": 1})
+            assert response.status_code == 200
+            await anyio.sleep(0.02)  # let the server's close arrive before the next request
+    assert len(connections) == 5
+
+
+def test_environment_proxies_keep_httpxs_own_transport(monkeypatch: pytest.MonkeyPatch) -> None:
+    from invoiceiq.gateways.transport import pool_transport
+
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    assert pool_transport(httpx.Limits()) is None

@@ -26,6 +26,8 @@ import orjson
 
 from invoiceiq import __version__
 
+from .transport import pool_transport
+
 USER_AGENT = f"InvoiceIQ/{__version__}"
 # One provider call, start to finish. httpx's timeouts are per phase (pool, connect, write,
 # read: up to 35 s together with make_client's), and the outbox leases a row for as little
@@ -176,11 +178,15 @@ async def request(
 
 def make_client(timeout_s: float = 10.0) -> httpx.AsyncClient:
     """The one AsyncClient the daemon shares between gateways (tests pass their own)."""
+    # Every connection opened is kept alive for reuse: with fewer kept than sends in flight,
+    # each send over the limit would reconnect.
+    limits = httpx.Limits(max_connections=50, max_keepalive_connections=50, keepalive_expiry=30.0)
     return httpx.AsyncClient(
         # Connecting should be quick; a provider that can't accept a connection in a few
         # seconds is down, and a short connect timeout fails the safe (unsent) way sooner.
         timeout=httpx.Timeout(timeout_s, connect=min(5.0, timeout_s)),
-        limits=httpx.Limits(max_connections=50, max_keepalive_connections=50, keepalive_expiry=30.0),
+        limits=limits,
+        transport=pool_transport(limits),
         headers={"User-Agent": USER_AGENT},
         # Provider APIs never redirect a POST legitimately; following one could resend a payment.
         follow_redirects=False,

@@ -76,10 +76,9 @@ class Simulator:
         # Keep alive every connection the deliveries open (httpx keeps 20 by default): with more
         # deliveries at once than that, each one over the limit would reconnect, which costs
         # the daemon a new connection per webhook too.
-        slots = max(20, self.config.delivery_concurrency)
-        client = self._http or httpx.AsyncClient(
-            timeout=self.config.delivery_timeout_s,
-            limits=httpx.Limits(max_connections=slots, max_keepalive_connections=slots))
+        limits = httpx.Limits(max_connections=max(20, self.config.delivery_concurrency),
+                              max_keepalive_connections=max(20, self.config.delivery_concurrency))
+        client = self._http or httpx.AsyncClient(timeout=self.config.delivery_timeout_s, limits=limits)
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self.outbox.run, client)
