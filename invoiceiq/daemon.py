@@ -168,7 +168,6 @@ class Daemon:
         self.callback_secret: str | None = None
         self.sim_config: Any = None
         self.simulator: Any = None
-        self.app: Any = None  # the ASGI app being served (for benchmarks and tests)
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self._shutdown = anyio.Event()
 
@@ -317,7 +316,7 @@ class Daemon:
                 # One plain line for the person who just typed `make run` (the log is JSON).
                 print(f"InvoiceIQ sandbox (simulated providers, no real money): open {console}",
                       file=sys.stderr, flush=True)
-            app = self.app = self.pressure.wrap(app)
+            app = self.pressure.wrap(app)
             served = anyio.Event()
             if self._tune_gc:
                 frozen = gc_policy.freeze_startup()

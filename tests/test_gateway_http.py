@@ -138,10 +138,10 @@ async def test_a_provider_call_ends_before_the_shortest_outbox_lease(monkeypatch
     to 35 s); the outbox leases a row for as little as 15 s while it sends it, and a call that
     outlived the lease would let another worker send the message again. ``request`` bounds the
     whole call, and a call cut off counts as an answer lost (it may have been sent)."""
-    from invoiceiq.config import _VALIDATORS
+    from invoiceiq.config import _VALIDATORS, _Invalid
     from invoiceiq.gateways import http as gw
 
-    with pytest.raises(Exception):
+    with pytest.raises(_Invalid):  # the shortest lease config allows is 15 s
         _VALIDATORS["outbox.lease_s"](14, True)
     assert gw.TOTAL_TIMEOUT_S < 15
 

@@ -98,6 +98,7 @@ def reads_history(detail: str, partial: set[str]) -> bool:
 
 @pytest.fixture
 async def migrated(tmp_path: Path) -> Path:
+    """An empty SQLite file with every migration applied."""
     path = tmp_path / "plans.db"
     store = Store(f"sqlite:///{path}")
     await store.open()
@@ -155,7 +156,7 @@ def _backlog(raw: sqlite3.Connection, notices: int, *, plain_first: str | None =
     raw.execute("COMMIT")
 
 
-def _claim_steps(path: Path) -> tuple[int, int]:
+async def _claim_steps(path: Path) -> tuple[int, int]:
     """(rows claimed, SQLite virtual-machine steps/100) of one claim of 2: a count of work
     that does not depend on the machine's speed."""
     raw = sqlite3.connect(path, isolation_level=None)
@@ -170,7 +171,7 @@ def _claim_steps(path: Path) -> tuple[int, int]:
     try:
         raw.set_progress_handler(count, 100)
         raw.execute("BEGIN")
-        rows = anyio.run(lambda: outbox.claim_due(SqliteTx(raw), now_ms=NOW, limit=2, worker="w", lease_ms=1000))
+        rows = await outbox.claim_due(SqliteTx(raw), now_ms=NOW, limit=2, worker="w", lease_ms=1000)
         raw.execute("ROLLBACK")
         return len(rows), steps
     finally:
@@ -178,8 +179,8 @@ def _claim_steps(path: Path) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("plain_first", [None, "SENDING"])
-def test_a_claim_costs_at_most_linear_work_in_the_backlog_of_one_recipient(
-        tmp_path: Path, plain_first: str | None) -> None:
+async def test_a_claim_costs_at_most_linear_work_in_the_backlog_of_one_recipient(
+        migrated: Path, tmp_path: Path, plain_first: str | None) -> None:
     """bench/: 42,000 invoice notices to one merchant (a campaign) stopped the outbox for
     minutes: every candidate asked "is an earlier unfinished row holding me back?" by walking
     the recipient's earlier rows (1,000 rows: 6 M steps; 4,000: 96 M). Now each question is an
@@ -188,11 +189,11 @@ def test_a_claim_costs_at_most_linear_work_in_the_backlog_of_one_recipient(
     work = {}
     for notices in (1000, 4000):
         path = tmp_path / f"backlog{notices}.db"
-        path.write_bytes(Path(migrated_template(tmp_path)).read_bytes())
+        path.write_bytes(migrated.read_bytes())
         raw = sqlite3.connect(path, isolation_level=None)
         _backlog(raw, notices, plain_first=plain_first)
         raw.close()
-        claimed, steps = _claim_steps(path)
+        claimed, steps = await _claim_steps(path)
         assert claimed == (0 if plain_first else 2)  # held back behind the reply in flight, or two notices
         work[notices] = steps
     if plain_first is None:
@@ -200,20 +201,3 @@ def test_a_claim_costs_at_most_linear_work_in_the_backlog_of_one_recipient(
     else:
         assert work[4000] <= 4 * work[1000] + 50, work  # linear: four times the rows, four times the work
 
-
-def migrated_template(tmp_path: Path) -> Path:
-    """One migrated empty file per test, copied for each backlog."""
-    path = tmp_path / "template.db"
-    if not path.exists():
-        async def make() -> None:
-            store = Store(f"sqlite:///{path}")
-            await store.open()
-            try:
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(store.run_writer)
-                    await store.migrate()
-                    tg.cancel_scope.cancel()
-            finally:
-                await store.close()
-        anyio.run(make)
-    return path

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import anyio
 import anyio.lowlevel
@@ -13,6 +15,7 @@ from invoiceiq.clock import ManualClock
 from invoiceiq.observability import Metrics
 
 pytestmark = pytest.mark.anyio
+T = TypeVar("T")
 
 
 async def eventually(predicate, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
@@ -244,6 +247,19 @@ def _busy(pressure: Pressure) -> None:
     pressure.rate, pressure.lag_s = pressure.min_rate * 10, pressure.max_lag_s * 10
 
 
+def _busy_door(admitted: list[T]) -> tuple[Pressure, Callable[[T], Awaitable[None]]]:
+    """A door that stays busy (no requests feed the probe) and a background job that waits
+    its turn there, then records its name in ``admitted``."""
+    pressure = Pressure(admit_every_s=0.05)
+    _busy(pressure)
+
+    async def job(name: T) -> None:
+        await pressure.yield_to_requests()
+        admitted.append(name)
+
+    return pressure, job
+
+
 async def test_pressure_lets_background_work_through_unless_the_loop_is_late_under_load() -> None:
     pressure = Pressure()
     # Many requests the loop keeps up with (a simulator posting 64 callbacks at once)...
@@ -260,13 +276,8 @@ async def test_pressure_lets_background_work_through_unless_the_loop_is_late_und
 
 
 async def test_pressure_admits_waiting_jobs_one_at_a_time_in_order_then_all_when_calm() -> None:
-    pressure = Pressure(admit_every_s=0.05)
-    _busy(pressure)
     admitted: list[int] = []
-
-    async def job(n: int) -> None:
-        await pressure.yield_to_requests()
-        admitted.append(n)
+    pressure, job = _busy_door(admitted)
 
     async with anyio.create_task_group() as tg:
         for n in range(4):
@@ -282,14 +293,8 @@ async def test_pressure_admits_waiting_jobs_one_at_a_time_in_order_then_all_when
 
 
 async def test_pressure_a_cancelled_waiter_gives_up_its_place() -> None:
-    pressure = Pressure(admit_every_s=0.05)
-    _busy(pressure)
     admitted: list[str] = []
-
-    async def job(name: str) -> None:
-        await pressure.yield_to_requests()
-        admitted.append(name)
-
+    pressure, job = _busy_door(admitted)
     scopes: list[anyio.CancelScope] = []
 
     async def cancelled_job() -> None:

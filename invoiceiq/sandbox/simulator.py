@@ -76,8 +76,8 @@ class Simulator:
         # Keep alive every connection the deliveries open (httpx keeps 20 by default): with more
         # deliveries at once than that, each one over the limit would reconnect, which costs
         # the daemon a new connection per webhook too.
-        limits = httpx.Limits(max_connections=max(20, self.config.delivery_concurrency),
-                              max_keepalive_connections=max(20, self.config.delivery_concurrency))
+        slots = max(20, self.config.delivery_concurrency)
+        limits = httpx.Limits(max_connections=slots, max_keepalive_connections=slots)
         client = self._http or httpx.AsyncClient(timeout=self.config.delivery_timeout_s, limits=limits)
         try:
             async with anyio.create_task_group() as tg:

@@ -24,8 +24,8 @@ import sqlite3
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 from typing import Any, Literal, TypeVar
@@ -46,6 +46,8 @@ log = get_logger(__name__)
 CLOSE_TIMEOUT_S = 5.0
 # How long a PostgreSQL BEGIN may take on a connection the pool already handed out.
 BEGIN_TIMEOUT_S = 10.0
+# How long a SQLite write or thread read waits for another process's lock (a backup, a prune).
+BUSY_TIMEOUT_MS = 5000
 
 
 class StoreError(Exception):
@@ -123,6 +125,13 @@ def _dict_row(cursor: sqlite3.Cursor, row: tuple[Any, ...]) -> dict[str, Any]:
     return {d[0]: v for d, v in zip(cursor.description, row)}
 
 
+def _connect(target: str, **options: Any) -> sqlite3.Connection:
+    """A stdlib connection in autocommit mode (we issue BEGIN/COMMIT ourselves), rows as dicts."""
+    raw = sqlite3.connect(target, isolation_level=None, uri=target.startswith("file:"), **options)
+    raw.row_factory = _dict_row
+    return raw
+
+
 Job = Callable[[Tx], Awaitable[T]]
 
 
@@ -158,7 +167,7 @@ class GroupCommitWriter:
     """
 
     def __init__(self, raw: sqlite3.Connection, max_batch: int = 256, depth: int = 4096,
-                 busy_timeout_ms: int = 5000) -> None:
+                 busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> None:
         self._raw = raw
         # One thread of our own for the COMMIT's fsync: cheaper to hand work to than anyio's
         # pool (no limiter, no cancel scope), and the connection is used by one thread at a time.
@@ -332,7 +341,6 @@ class Database:
             self._db = databases.Database(self.url, min_size=1, max_size=pg_pool, **options)
         self._writer: GroupCommitWriter | None = None
         self._writer_raw: sqlite3.Connection | None = None
-        self._inline_raw: sqlite3.Connection | None = None
         self._inline: SqliteTx | None = None
         self._reader_conns: list[databases.core.Connection] = []
         self._readers: ObjectReceiveStream[databases.core.Connection] | None = None
@@ -356,31 +364,27 @@ class Database:
     async def _open_sqlite(self) -> None:
         path = sqlite_file(self.url)
         target = str(path) if path is not None else self.url.split("://", 1)[1].lstrip("/")
-        # isolation_level=None: we issue BEGIN/COMMIT ourselves. check_same_thread=False: the
-        # COMMIT runs in a worker thread while the connection is otherwise idle.
-        raw = sqlite3.connect(target, isolation_level=None, check_same_thread=False,
-                              uri=target.startswith("file:"))
-        raw.row_factory = _dict_row
+        # check_same_thread=False: the COMMIT runs in the committer thread while the
+        # connection is otherwise idle.
+        raw = _connect(target, check_same_thread=False)
         # FULL: a commit is on disk before the webhook's 200 (durable before acknowledged).
-        for pragma in ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=FULL",
-                       "PRAGMA foreign_keys=ON", "PRAGMA busy_timeout=5000"):
+        # (Its busy timeout is the writer's business: GroupCommitWriter._begin.)
+        for pragma in ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=FULL", "PRAGMA foreign_keys=ON"):
             raw.execute(pragma)
         self._writer_raw = raw
         self._writer = GroupCommitWriter(raw)
         # The inline reader (see read): its own connection, so that it never sees the
-        # writer's open group (uncommitted, not yet durable).
-        # In WAL mode a reader never waits for the writer; only an exclusive lock (a VACUUM
-        # by hand) could make it wait, and then the loop waits: 1 s at most, not the default 5.
-        reader = sqlite3.connect(target, isolation_level=None, timeout=1.0, uri=target.startswith("file:"))
-        reader.row_factory = _dict_row
+        # writer's open group (uncommitted, not yet durable). In WAL mode a reader never
+        # waits for the writer; only an exclusive lock (a VACUUM by hand) could make it
+        # wait, and then the loop waits: 1 s at most.
+        reader = _connect(target, timeout=1.0)
         reader.execute("PRAGMA query_only=1")
-        self._inline_raw = reader
         self._inline = SqliteTx(reader)
         send, recv = anyio.create_memory_object_stream[databases.core.Connection](self._readers_n)
         self._reader_return, self._readers = send, recv
         for _ in range(self._readers_n):
             conn = await self._held()
-            await conn.execute("PRAGMA busy_timeout=5000")
+            await conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             await conn.execute("PRAGMA query_only=1")
             self._reader_conns.append(conn)
             send.send_nowait(conn)
@@ -393,10 +397,9 @@ class Database:
     async def disconnect(self) -> None:
         if self._writer is not None:
             self._writer.close()
-        if self._inline_raw is not None:
-            self._inline = None
-            self._inline_raw.close()
-            self._inline_raw = None
+        if self._inline is not None:
+            inline, self._inline = self._inline, None
+            inline._raw.close()
         if self._writer_raw is not None:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self._writer_raw.close)
@@ -470,21 +473,15 @@ class Database:
         loops' point queries take microseconds, where a hop to a reader thread through
         ``databases`` cost ~0.3 ms of CPU (bench/). A read that may walk a backlog (counts,
         listings, sweeps) belongs in :meth:`scan`, which keeps the loop free meanwhile."""
-        if self._inline is not None:
-            try:
-                return await job(self._inline)
-            except (Conflict, StoreError):
-                raise
-            except Exception as exc:
-                if _is_connection_error(exc):
-                    raise StoreError(f"{type(exc).__name__}: {exc}") from exc
-                raise
-        return await self.scan(job)
+        if self._inline is None:
+            return await self.scan(job)
+        with _as_store_error():
+            return await job(self._inline)
 
     async def scan(self, job: Job[T]) -> T:
         """Like :meth:`read`, for a job whose time grows with the data (a COUNT, a MIN over a
         backlog, a listing): on SQLite it runs in a reader thread."""
-        try:
+        with _as_store_error():
             if self._readers is not None and self._reader_return is not None:
                 conn = await self._readers.receive()
                 try:
@@ -493,12 +490,6 @@ class Database:
                     self._reader_return.send_nowait(conn)
             async with self._pg_slots, self._pg_connection() as conn:
                 return await job(Tx(conn, "postgresql"))
-        except (Conflict, StoreError):
-            raise
-        except Exception as exc:
-            if _is_connection_error(exc):
-                raise StoreError(f"{type(exc).__name__}: {exc}") from exc
-            raise
 
     async def _pg_write(self, job: Job[T]) -> T:
         async with self._pg_slots, self._pg_connection() as conn:
@@ -554,6 +545,19 @@ def _is_connection_error(exc: BaseException) -> bool:
         return any(w in text for w in ("readonly", "read-only", "locked", "disk", "unable to open", "i/o"))
     return False
 
+
+
+@contextmanager
+def _as_store_error() -> Iterator[None]:
+    """A read that failed because of the database, not the job, as a ``StoreError``."""
+    try:
+        yield
+    except (Conflict, StoreError):
+        raise
+    except Exception as exc:
+        if _is_connection_error(exc):
+            raise StoreError(f"{type(exc).__name__}: {exc}") from exc
+        raise
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:

@@ -100,13 +100,16 @@ def request_hash(body: dict[str, Any]) -> str:
     return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
+_REFUSED = frozenset({404, 409, 422, 429})
+
+
 def _refusal_reason(status: int, answer: dict[str, Any]) -> str | None:
     """Why a request was refused, in words fit for the log, or None for a success."""
+    if status not in _REFUSED:
+        return None
     if status == 422:
         return "validation failed"
-    if status in (404, 409, 429):
-        return str(answer.get("reason") or answer.get("error") or status)
-    return None
+    return str(answer.get("reason") or answer.get("error") or status)
 
 
 async def idempotent(scope: str, key: str | None, body: dict[str, Any],
@@ -116,15 +119,15 @@ async def idempotent(scope: str, key: str | None, body: dict[str, Any],
     svc = services()
     digest = request_hash(body)
 
-    async def job(tx: Tx) -> tuple[int, str, dict[str, str], dict[str, Any]]:
-        """(status, body as sent, headers, body as data for the log)."""
+    async def job(tx: Tx) -> tuple[int, str, dict[str, str], dict[str, Any] | None]:
+        """(status, body as sent, headers, body as data when we have it: a replay has text only)."""
         if key is not None:
             stored = await idempotency.begin(tx, scope, key, digest, svc.clock.now_ms())
             if stored is not None:
                 if stored.request_hash != digest:
                     reused = {"error": "Idempotency-Key reused with a different body"}
                     return 409, orjson.dumps(reused).decode(), {}, reused
-                return stored.status_code, stored.body, {"Idempotent-Replayed": "true"}, orjson.loads(stored.body)
+                return stored.status_code, stored.body, {"Idempotent-Replayed": "true"}, None
         status, result = await work(tx)
         text = orjson.dumps(result).decode()
         if key is not None and status == 429:
@@ -133,7 +136,9 @@ async def idempotent(scope: str, key: str | None, body: dict[str, Any],
             await idempotency.finish(tx, scope, key, status, text)
         return status, text, {}, result
 
-    status, text, headers, answer = await svc.store.write(job)
+    status, text, headers, result = await svc.store.write(job)
+    # A replayed refusal is parsed here, outside the write transaction, and only then.
+    answer = result if result is not None else orjson.loads(text) if status in _REFUSED else {}
     if (reason := _refusal_reason(status, answer)) is not None:
         # Say why in the log too (field names only: values may be personal data).
         fields = sorted(answer.get("errors", {})) if status == 422 else []
