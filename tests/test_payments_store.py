@@ -7,6 +7,7 @@ connections start an attempt on one invoice at the same moment.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from urllib.parse import parse_qs, urlsplit
 
 import anyio
@@ -141,6 +142,67 @@ async def test_postgresql_two_raw_connections_racing_one_wins(store: Store, data
         await b.close()
     assert await in_flight(store, invoice_id) == 1
     assert await count(store, "SELECT COUNT(*) FROM payments WHERE invoice_id = :i", {"i": invoice_id}) == 1
+
+
+async def test_two_invoices_of_one_phone_decided_at_once_push_once(store: Store, database_url: str) -> None:
+    """The per-phone limits hold across invoices and processes. Two Pay decisions for two
+    invoices of one phone, in two transactions on two connections: the second, started while the
+    first has pushed but not committed, waits on the phone's row and then sees that push (too
+    soon), instead of reading "no prompt lately" and pushing too. (On SQLite the single writer
+    runs the two one after the other; on PostgreSQL the lock is what orders them.)"""
+    from invoiceiq.actors import effects
+    from invoiceiq.core import settlement
+
+    first_id, second_id = await new_invoice(store), await new_invoice(store)
+    limits = settlement.PushLimits()  # 60 s apart, 3 in 10 minutes
+    first_pushed = anyio.Event()
+    verdicts: dict[str, settlement.PayVerdict] = {}
+
+    async def decide(tx: Tx, invoice_id: str) -> settlement.PayVerdict:
+        invoice = await invoices.get(tx, invoice_id)
+        assert invoice is not None
+        verdict = await effects.push_verdict(tx, invoice, limits, NOW)
+        if verdict is settlement.PayVerdict.START:
+            assert await start(tx, invoice_id) is not None
+        return verdict
+
+    async def first(tx: Tx) -> settlement.PayVerdict:
+        verdict = await decide(tx, first_id)
+        first_pushed.set()
+        if store.dialect == "postgresql":
+            # The second waits on the phone's row (or, were there no lock, has decided already).
+            await _until_a_backend_waits_on_a_lock(database_url, or_else=lambda: "second" in verdicts)
+        return verdict
+
+    async def second() -> None:
+        with anyio.fail_after(10):
+            await first_pushed.wait()
+        verdicts["second"] = await store.write(lambda tx: decide(tx, second_id))
+
+    async def run_first() -> None:
+        verdicts["first"] = await store.write(first)
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run_first)
+            tg.start_soon(second)
+    assert verdicts == {"first": settlement.PayVerdict.START, "second": settlement.PayVerdict.TOO_SOON}
+    assert await count(store, "SELECT COUNT(*) FROM stk_attempts WHERE phone = :p", {"p": PHONE}) == 1
+
+
+async def _until_a_backend_waits_on_a_lock(database_url: str, or_else: Callable[[], bool]) -> None:
+    """Poll (with a deadline) until another session of this database waits on a lock, or ``or_else()``."""
+    import asyncpg
+
+    dsn = urlsplit(database_url)._replace(query="").geturl()
+    conn = await asyncpg.connect(dsn)
+    try:
+        with anyio.fail_after(10):
+            while not or_else() and not await conn.fetchval("SELECT COUNT(*) FROM pg_stat_activity"
+                                          " WHERE datname = current_database() AND wait_event_type = 'Lock'"):
+                await anyio.sleep(0.01)
+    finally:
+        await conn.close()
 
 
 # -- what the index allows -----------------------------------------------------------------------------

@@ -85,3 +85,11 @@ async def pay_verdict(tx: Tx, invoice: Invoice, limits: settlement.PushLimits, n
     recent = await payments.recent_pushes(tx, invoice.msisdn, now_ms - limits.window_ms)
     return settlement.decide_pay(invoice, in_flight=in_flight is not None, recent_pushes_ms=recent,
                                  now_ms=now_ms, limits=limits)
+
+
+async def push_verdict(tx: Tx, invoice: Invoice, limits: settlement.PushLimits, now_ms: int) -> settlement.PayVerdict:
+    """``pay_verdict`` for the one place that then starts an attempt (the payment actor): with
+    the phone's row locked first, so that its per-phone limits (a minute between prompts,
+    three in ten minutes) hold across invoices and processes, not only per invoice."""
+    await payments.lock_phone(tx, invoice.msisdn)
+    return await pay_verdict(tx, invoice, limits, now_ms)

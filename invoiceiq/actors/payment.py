@@ -150,7 +150,7 @@ class PaymentActor:
                            after: _After) -> _Push | bool:
         via = str(payload.get("via") or "api")
         phone = invoice.msisdn  # the prompt always goes to the invoice's own customer
-        verdict = await effects.pay_verdict(tx, invoice, self.limits, now)
+        verdict = await effects.push_verdict(tx, invoice, self.limits, now)
         log.info("pay_requested", invoice_id=invoice.id, via=via, verdict=verdict.value)
         if verdict is settlement.PayVerdict.START:
             if self.daraja is None:

@@ -53,6 +53,16 @@ def _attempt(r: dict[str, Any]) -> Attempt:
     )
 
 
+async def lock_phone(tx: Tx, phone: str) -> None:
+    """Hold ``phone``'s row in ``push_locks`` until this transaction ends: the Pay decisions of
+    one phone (its invoices may be decided by different actors, in different processes) then
+    run one after the other, each reading the prompts the previous one committed. The upsert
+    locks the row on PostgreSQL (a second caller waits for the first to commit; READ COMMITTED
+    gives its next statement a fresh snapshot); SQLite's single writer serialises anyway."""
+    await tx.execute("INSERT INTO push_locks (phone) VALUES (:ph)"
+                     " ON CONFLICT (phone) DO UPDATE SET phone = excluded.phone", {"ph": phone})
+
+
 async def start(tx: Tx, *, invoice_id: str, phone: str, amount_cents: int, now_ms: int,
                 next_check_at_ms: int, expire_at_ms: int, source: str) -> Attempt | None:
     """Insert a new INITIATED attempt; None if one is already in flight for this invoice."""
