@@ -151,4 +151,21 @@ async def test_metrics_are_exposed(daemon: Handle) -> None:
     await daemon.client.post("/invoices", json=GOOD, headers=AUTH)
     text = (await daemon.client.get("/metrics")).text
     assert "invoiceiq_invoices_created_total 1.0" in text
-    assert 'invoiceiq_http_request_duration_seconds_count{method="POST",route="/invoices"}' in text
+    assert 'invoiceiq_http_request_duration_seconds_count{method="POST",route="/invoices"} 1.0' in text
+
+
+async def test_request_metrics_have_a_bounded_set_of_labels(daemon: Handle) -> None:
+    """Methods and paths are the client's to choose: made-up methods count as OTHER and
+    unknown paths as "unmatched", so no client can mint new series (and a route's count is
+    kept per route, not per path)."""
+    for i in range(5):
+        await daemon.client.request(f"BREW{i}", "/invoices")
+        await daemon.client.get(f"/nothing-here-{i}")
+    for _ in range(2):
+        await daemon.client.get("/invoices/9999", headers=AUTH)
+    text = (await daemon.client.get("/metrics")).text
+    counts = [line for line in text.splitlines() if line.startswith("invoiceiq_http_request_duration_seconds_count")]
+    assert 'invoiceiq_http_request_duration_seconds_count{method="OTHER",route="unmatched"} 5.0' in counts
+    assert 'invoiceiq_http_request_duration_seconds_count{method="GET",route="unmatched"} 5.0' in counts
+    assert 'invoiceiq_http_request_duration_seconds_count{method="GET",route="/invoices/<invoice_id>"} 2.0' in counts
+    assert not any("BREW" in line or "nothing-here" in line for line in counts)

@@ -70,6 +70,7 @@ LOOP_QUERIES: dict[str, Callable[[Tx], Awaitable[Any]]] = {
     "payments.recent_pushes": lambda tx: payments.recent_pushes(tx, "254712345678", NOW - 600_000),
     "payments.in_flight": lambda tx: payments.in_flight(tx, "1001"),
     "payments.for_callback": lambda tx: payments.for_callback(tx, "ws_CO_1", "254712345678"),
+    "payments.for_invoice": lambda tx: payments.for_invoice(tx, "1001"),  # after every payment event
     "conversations.due": lambda tx: conversations.due(tx, NOW),
     "conversations.next_due_ms": conversations.next_due_ms,
     "inbox.pending": lambda tx: inbox.pending(tx, "session", "254712345678"),

@@ -159,6 +159,8 @@ def json_body(response: httpx.Response) -> Any:
 
 def as_mapping(value: object) -> Mapping[str, Any]:
     """``value`` when it is a JSON object, else an empty one: lets parsers chain ``.get`` safely."""
+    if type(value) is dict:  # decoded JSON, nearly always: skips the ABC check (webhook hot path)
+        return value
     return value if isinstance(value, Mapping) else {}
 
 
