@@ -188,6 +188,7 @@ async def test_two_invoices_of_one_phone_decided_at_once_push_once(store: Store,
             tg.start_soon(second)
     assert verdicts == {"first": settlement.PayVerdict.START, "second": settlement.PayVerdict.TOO_SOON}
     assert await count(store, "SELECT COUNT(*) FROM stk_attempts WHERE phone = :p", {"p": PHONE}) == 1
+    assert await count(store, "SELECT COUNT(*) FROM push_locks") == 0  # empty at rest: no phone kept
 
 
 async def _until_a_backend_waits_on_a_lock(database_url: str, or_else: Callable[[], bool]) -> None:

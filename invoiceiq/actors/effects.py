@@ -89,7 +89,7 @@ async def pay_verdict(tx: Tx, invoice: Invoice, limits: settlement.PushLimits, n
 
 async def push_verdict(tx: Tx, invoice: Invoice, limits: settlement.PushLimits, now_ms: int) -> settlement.PayVerdict:
     """``pay_verdict`` for the one place that then starts an attempt (the payment actor): with
-    the phone's row locked first, so that its per-phone limits (a minute between prompts,
+    the phone's row serialised first (payments.lock_phone), so that its per-phone limits (a minute between prompts,
     three in ten minutes) hold across invoices and processes, not only per invoice."""
     await payments.lock_phone(tx, invoice.msisdn)
     return await pay_verdict(tx, invoice, limits, now_ms)

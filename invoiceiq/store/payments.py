@@ -54,13 +54,18 @@ def _attempt(r: dict[str, Any]) -> Attempt:
 
 
 async def lock_phone(tx: Tx, phone: str) -> None:
-    """Hold ``phone``'s row in ``push_locks`` until this transaction ends: the Pay decisions of
-    one phone (its invoices may be decided by different actors, in different processes) then
-    run one after the other, each reading the prompts the previous one committed. The upsert
-    locks the row on PostgreSQL (a second caller waits for the first to commit; READ COMMITTED
-    gives its next statement a fresh snapshot); SQLite's single writer serialises anyway."""
+    """Serialise the Pay decisions of ``phone`` until this transaction ends: its invoices may be
+    decided by different actors, in different processes, and each must read the prompts the
+    previous one committed.
+
+    The row is written and deleted at once: on PostgreSQL a second caller's INSERT meets the
+    first's uncommitted row and waits for that transaction to end (READ COMMITTED then gives
+    its next statement a fresh snapshot), and the table is empty at rest, so it keeps no phone
+    number (test_data_protection.py). SQLite's single writer serialises anyway."""
+    params = {"ph": phone}
     await tx.execute("INSERT INTO push_locks (phone) VALUES (:ph)"
-                     " ON CONFLICT (phone) DO UPDATE SET phone = excluded.phone", {"ph": phone})
+                     " ON CONFLICT (phone) DO UPDATE SET phone = excluded.phone", params)
+    await tx.execute("DELETE FROM push_locks WHERE phone = :ph", params)
 
 
 async def start(tx: Tx, *, invoice_id: str, phone: str, amount_cents: int, now_ms: int,
