@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
+from datetime import datetime
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 import anyio
 import pytest
 
-from invoiceiq.store import Store, conversations, inbox, invoices, outbox, payments
+from invoiceiq.store import Store, conversations, idempotency, inbox, invoices, messages, outbox, payments
 from invoiceiq.store.db import SqliteTx, Tx, _dict_row
 
 pytestmark = pytest.mark.anyio
@@ -202,3 +203,63 @@ async def test_a_claim_costs_at_most_linear_work_in_the_backlog_of_one_recipient
     else:
         assert work[4000] <= 4 * work[1000] + 50, work  # linear: four times the rows, four times the work
 
+
+
+# -- `invoiceiq prune` slices must not walk what earlier slices (and days) pruned ----------------
+
+
+def _prune_history(raw: sqlite3.Connection, pruned: int) -> None:
+    """``pruned`` old rows already pruned (and 10 still to prune) in each table prune visits,
+    and ``pruned`` recent idempotency keys that are not due yet."""
+    old_ms, old_ts = NOW - 90 * 86_400_000, "2026-01-01 00:00:00"
+    raw.execute("BEGIN")
+    for i in range(pruned + 10):
+        payload = None if i < pruned else '{"text": "hello"}'
+        raw.execute("INSERT INTO message_log (id, channel, direction, event, payload, created_at)"
+                    " VALUES (?, 'WHATSAPP', 'IN', 'inbound', ?, ?)", (f"ml_{i:08d}", payload, old_ts))
+        raw.execute("INSERT INTO inbox (source, event_id, actor, actor_key, kind, payload, received_at_ms,"
+                    " processed_at_ms) VALUES ('whatsapp', ?, 'session', '254712345678', 'text', ?, ?, ?)",
+                    (f"wamid.{i}", "{}" if i < pruned else '{"text": "hello"}', old_ms, old_ms))
+        raw.execute("INSERT INTO idempotency_keys (scope, idem_key, request_hash, status_code, response_body,"
+                    " created_at_ms) VALUES ('POST /invoices', ?, 'h', 201, '{}', ?)",
+                    (f"key{i}", NOW if i < pruned else old_ms))
+    raw.execute("COMMIT")
+
+
+PRUNE_SLICES: dict[str, Callable[[Tx], Awaitable[int]]] = {
+    "messages.prune_payloads_batch": lambda tx: messages.prune_payloads_batch(
+        tx, datetime(2026, 6, 1), limit=5),
+    "inbox.prune_payloads": lambda tx: inbox.prune_payloads(tx, NOW - 86_400_000, limit=5),
+    "idempotency.prune_batch": lambda tx: idempotency.prune_batch(tx, NOW - 86_400_000, limit=5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PRUNE_SLICES))
+async def test_a_prune_slice_does_not_walk_what_was_pruned_before(migrated: Path, tmp_path: Path, name: str) -> None:
+    """Each slice of `invoiceiq prune` is a write transaction beside the daemon: it must find
+    its 5 rows without walking the thousands pruned on earlier days (migration 0005's partial
+    indexes). Counted in SQLite virtual-machine steps, which do not depend on the machine."""
+    work = {}
+    for pruned in (1000, 4000):
+        path = tmp_path / f"pruned{pruned}.db"
+        path.write_bytes(migrated.read_bytes())
+        raw = sqlite3.connect(path, isolation_level=None)
+        raw.row_factory = _dict_row
+        try:
+            _prune_history(raw, pruned)
+            steps = 0
+
+            def count() -> int:
+                nonlocal steps
+                steps += 1
+                return 0
+
+            raw.set_progress_handler(count, 100)
+            raw.execute("BEGIN")
+            done = await PRUNE_SLICES[name](SqliteTx(raw))
+            raw.execute("COMMIT")
+            assert done == 5
+            work[pruned] = steps
+        finally:
+            raw.close()
+    assert work[4000] <= work[1000] + 5, work
