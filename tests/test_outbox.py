@@ -704,3 +704,33 @@ async def test_an_empty_sms_balance_is_an_account_alert_not_a_bad_number(
 async def _sms_answered(h: Handle) -> bool:
     found = await rows(h, "channel = 'SMS' AND kind = 'invoice' AND status <> 'SENDING' AND last_error IS NOT NULL")
     return bool(found)
+
+
+async def test_a_burst_of_sends_reads_the_next_due_time_once_not_per_claim(
+        h: Handle, providers: Scripted, clock: ManualClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The earliest future due time walks every unfinished row (in a reader thread); it used
+    to be read after every claim that left a slot free, several times per send. Now it is
+    kept for ``NEXT_DUE_TTL_MS`` of the outbox's clock (here standing still): ten invoices,
+    twenty sends, at most a couple of reads. A retry the outbox schedules itself still goes at its
+    time (the backoff tests above step the clock to it)."""
+    from invoiceiq.actors import outbox as outbox_actor
+
+    reads = {"n": 0}
+    real = outbox.next_due_ms
+
+    async def counted(tx: Tx, now_ms: int, channels: Any = (Channel.WHATSAPP, Channel.SMS)) -> int | None:
+        reads["n"] += 1
+        return await real(tx, now_ms, channels)
+
+    monkeypatch.setattr(outbox, "next_due_ms", counted)
+    for n in range(10):
+        await new_invoice(h, msisdn=f"2547123450{n:02d}")
+    await h.wait_for(lambda: len(providers.to(MERCHANT)) >= 10, what="ten confirmations")
+    await settle(h)
+    assert len([s for s in providers.sent if s.kind == "template"]) == 10
+    assert reads["n"] <= 2, reads  # (read at start-up, kept since: 0 here)
+    # And once the clock has moved past the time kept, it is read again.
+    before = reads["n"]
+    clock.advance(outbox_actor.NEXT_DUE_TTL_MS)
+    await outbox_pass(h)
+    assert reads["n"] > before
