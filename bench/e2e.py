@@ -51,6 +51,7 @@ from typing import Any
 import httpx
 
 from . import servers
+from .loopback import LoopbackTransport
 from .servers import Pinning, Proc, Processes
 
 MERCHANT = "254711000111"  # SimConfig's default merchant phone
@@ -288,11 +289,12 @@ class Driver:
     """The merchant and the customers, through the simulators' control API."""
 
     def __init__(self, sim_base: str, connections: int = 64, flow_timeout_s: float = 300.0) -> None:
-        self.api = httpx.AsyncClient(
-            base_url=f"{sim_base}/api", timeout=httpx.Timeout(60.0),
-            limits=httpx.Limits(max_connections=connections + 4, max_keepalive_connections=connections + 4,
-                                keepalive_expiry=120))
-        self.poll_client = httpx.AsyncClient(base_url=f"{sim_base}/api", timeout=httpx.Timeout(60.0))
+        # The bench's lean loopback transport (bench/loopback.py): the driver shares the load
+        # core with the simulators.
+        self.api = httpx.AsyncClient(base_url=f"{sim_base}/api", timeout=httpx.Timeout(60.0),
+                                     transport=LoopbackTransport(max_connections=connections + 4))
+        self.poll_client = httpx.AsyncClient(base_url=f"{sim_base}/api", timeout=httpx.Timeout(60.0),
+                                             transport=LoopbackTransport(max_connections=4))
         self.flow_timeout_s = flow_timeout_s
         self.seq = 0
         self._waits: dict[tuple[str, str], asyncio.Future[float]] = {}

@@ -29,8 +29,9 @@ import httpx
 from hypercorn.asyncio import serve
 from hypercorn.config import Config as HypercornConfig
 
-from invoiceiq.gateways.transport import PoolTransport
 from invoiceiq.sandbox import SimConfig, Simulator
+
+from .loopback import LoopbackTransport
 
 
 class RewriteTransport(httpx.AsyncBaseTransport):
@@ -56,12 +57,10 @@ class RewriteTransport(httpx.AsyncBaseTransport):
 
 
 def make_client(config: SimConfig, rewrites: list[tuple[str, str]]) -> httpx.AsyncClient:
-    # One keep-alive connection per concurrent delivery: no reconnects under load.
-    limits = httpx.Limits(max_connections=config.delivery_concurrency + 8,
-                          max_keepalive_connections=config.delivery_concurrency + 8, keepalive_expiry=60)
-    # The daemon's own transport (cheap idle-connection checks, invoiceiq/gateways/transport.py):
-    # the simulators share the load core with the driver and are the first to fill it.
-    inner = PoolTransport(limits)
+    # The bench's lean loopback transport (bench/loopback.py), one keep-alive connection per
+    # concurrent delivery: the simulators share the load core with the driver and were the
+    # first to fill it with httpx's own transport (about 1 ms of CPU per webhook).
+    inner = LoopbackTransport(max_connections=config.delivery_concurrency + 8, timeout_s=config.delivery_timeout_s)
     return httpx.AsyncClient(transport=RewriteTransport(rewrites, inner), timeout=config.delivery_timeout_s)
 
 
