@@ -1,5 +1,5 @@
-"""An httpx transport whose connection pool checks its idle connections cheaply and keeps
-its books in one pass.
+"""An httpx transport whose connection pool checks its idle connections cheaply, keeps its
+books in one pass and hands each connection to one request at a time (``_Pool``).
 
 httpcore asks every idle connection "has the server closed you?" each time a request joins
 or leaves the pool (``has_expired`` -> ``get_extra_info("is_readable")``). Through anyio,
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import time
 import typing
 import urllib.request
 
@@ -58,46 +59,101 @@ class _Backend(AnyIOBackend):
 
 
 class _Pool(httpcore.AsyncConnectionPool):
-    """httpcore's pool with its bookkeeping made linear in the number of connections.
+    """httpcore's pool with its bookkeeping made linear in the number of connections, and the
+    question "has the server closed you?" asked of the connection about to be used.
 
     Each time a request joins or leaves, the pool reviews its connections. httpcore 1.0 asks,
     for every idle connection, for a list as long as the pool (``len([c.is_idle() for c in
     connections])``, which is just the pool's size), and builds two full lists of candidates
     for every queued request where it uses the first: with the outbox's 50 kept-alive
     connections that was 2,500 calls per review, two reviews per send (py-spy, end-to-end
-    bench: 3% of the daemon). The same decisions, in the same order, with one pass."""
+    bench: 3% of the daemon). The same decisions, in the same order, with one pass.
+
+    It also polls every idle socket in every review (``has_expired``): 50 polls per review,
+    two reviews per send, about 4% of the daemon in the end-to-end bench once the rest was
+    linear. What the poll protects is the request about to be written: it must not go out on
+    a connection the server has closed (the request would fail after it may have been sent).
+    So the connection chosen for a request is checked right then, exactly as before, and the
+    others in a full review at most once every ``FULL_REVIEW_EVERY_S`` (closing the ones the
+    server dropped or that idled past the keep-alive expiry, as httpcore does, a moment later).
+    """
+
+    FULL_REVIEW_EVERY_S = 1.0
+
+    def __init__(self, *args: typing.Any, **kwargs: typing.Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._next_full_review = 0.0
 
     def _assign_requests_to_connections(self) -> list[httpcore.AsyncConnectionInterface]:
         closing: list[httpcore.AsyncConnectionInterface] = []
         connections = self._connections
+        now = time.monotonic()
+        full = now >= self._next_full_review
+        if full:
+            self._next_full_review = now + self.FULL_REVIEW_EVERY_S
         # Closed, expired, or idle beyond the keep-alive limit (httpcore compares the pool's
-        # whole size with that limit, and so do we: same connections closed).
+        # whole size with that limit, and so do we: same connections closed). Only an idle
+        # HTTP/1.1 connection can expire (a busy one has no expiry time and is not polled),
+        # and between full reviews it is asked when it comes to be used.
         for connection in list(connections):
             if connection.is_closed():
                 connections.remove(connection)
-            elif connection.has_expired():
+                continue
+            idle = connection.is_idle()
+            if idle and full and connection.has_expired():
                 connections.remove(connection)
                 closing.append(connection)
-            elif connection.is_idle() and len(connections) > self._max_keepalive_connections:
+            elif idle and len(connections) > self._max_keepalive_connections:
                 connections.remove(connection)
                 closing.append(connection)
 
-        for pool_request in [r for r in self._requests if r.is_queued()]:
+        # A connection handed to a request stays idle until that request's task runs and
+        # starts it. httpcore hands the same idle connection to every request that asks
+        # meanwhile: all but one then fail with ConnectionNotAvailable and go round again,
+        # each with a review of its own (with 48 sends in flight, 16 tries per request).
+        # One request per connection at a time (HTTP/1.1): skip the ones already handed out.
+        queued: list[typing.Any] = []
+        taken: set[int] = set()
+        for r in self._requests:
+            if r.is_queued():
+                queued.append(r)
+            else:
+                taken.add(id(r.connection))
+        for pool_request in queued:
             origin = pool_request.request.url.origin
-            available = next((c for c in connections if c.can_handle_request(origin) and c.is_available()), None)
+            available = self._first_available(origin, checked=full, closing=closing, taken=taken)
             if available is not None:
                 pool_request.assign_to_connection(available)
+                taken.add(id(available))
             elif len(connections) < self._max_connections:
                 connection = self.create_connection(origin)
                 connections.append(connection)
                 pool_request.assign_to_connection(connection)
-            elif (idle := next((c for c in connections if c.is_idle()), None)) is not None:
+            elif (idle := next((c for c in connections if id(c) not in taken and c.is_idle()), None)) is not None:
                 connections.remove(idle)
                 closing.append(idle)
                 connection = self.create_connection(origin)
                 connections.append(connection)
                 pool_request.assign_to_connection(connection)
         return closing
+
+    def _first_available(self, origin: httpcore.Origin, *, checked: bool,
+                         closing: list[httpcore.AsyncConnectionInterface],
+                         taken: set[int]) -> httpcore.AsyncConnectionInterface | None:
+        """The first connection not handed out that can take a request to ``origin`` now; an
+        idle one is asked whether it expired (unless this review just asked), dropped if so."""
+        connections = self._connections
+        i = 0
+        while i < len(connections):
+            connection = connections[i]
+            if id(connection) not in taken and connection.can_handle_request(origin) and connection.is_available():
+                if checked or not connection.is_idle() or not connection.has_expired():
+                    return connection
+                del connections[i]
+                closing.append(connection)
+                continue
+            i += 1
+        return None
 
 
 class PoolTransport(httpx.AsyncHTTPTransport):
