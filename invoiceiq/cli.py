@@ -121,9 +121,10 @@ def _with_store(settings: Settings, work: Callable[[Store], Awaitable[T]]) -> T:
 def _prune(settings: Settings, days: int) -> int:
     """Personal data kept no longer than ``days`` (brief section 13): message bodies in
     message_log (rows and events stay), payloads of inbox events already applied (rows stay:
-    their ids still deduplicate provider retries), and idempotency keys with their stored
-    responses (which repeat the invoice's phone, name and description)."""
-    from .store import Tx, idempotency, inbox, messages
+    their ids still deduplicate provider retries), the text of sends that left the outbox
+    (rows stay), and idempotency keys with their stored responses (which repeat the invoice's
+    phone, name and description)."""
+    from .store import Tx, idempotency, inbox, messages, outbox
 
     cutoff = datetime.now(UTC) - timedelta(days=days)
     before = cutoff.replace(tzinfo=None)  # message_log.created_at is naive UTC
@@ -135,18 +136,20 @@ def _prune(settings: Settings, days: int) -> int:
             total += done
         return total
 
-    async def work(store: Store) -> tuple[int, int, int]:
+    async def work(store: Store) -> tuple[int, int, int, int]:
         print(f"pruning personal data older than {days} day{'s' if days != 1 else ''}"
               f" (before {cutoff:%Y-%m-%d %H:%M:%S} UTC)")
         logged = await drain(store, lambda tx: messages.prune_payloads_batch(tx, before, PRUNE_BATCH))
         events = await drain(store, lambda tx: inbox.prune_payloads(tx, before_ms, PRUNE_BATCH))
+        sends = await drain(store, lambda tx: outbox.prune_content(tx, before_ms, PRUNE_BATCH))
         keys = await drain(store, lambda tx: idempotency.prune_batch(tx, before_ms, PRUNE_BATCH))
-        return logged, events, keys
+        return logged, events, sends, keys
 
-    logged, events, keys = _with_store(settings, work)
+    logged, events, sends, keys = _with_store(settings, work)
     print(f"message_log: cleared {logged} message payload{'s' if logged != 1 else ''} (rows and events kept)")
     print(f"inbox: cleared {events} payload{'s' if events != 1 else ''} of processed events"
           " (rows kept to deduplicate provider retries)")
+    print(f"outbox: cleared the text of {sends} finished send{'s' if sends != 1 else ''} (rows kept)")
     print(f"idempotency_keys: deleted {keys} key{'s' if keys != 1 else ''}")
     return 0
 

@@ -29,7 +29,7 @@ from harness import DARAJA, MERCHANT, FakeDaraja, base_env, make_settings
 from invoiceiq.actors import effects
 from invoiceiq.cli import main
 from invoiceiq.core.model import Channel, Direction, PaymentStatus
-from invoiceiq.store import Store, Tx, idempotency, inbox, messages, payments
+from invoiceiq.store import Store, Tx, idempotency, inbox, messages, outbox, payments
 
 pytestmark = pytest.mark.anyio
 ENV_PREFIXES = ("INVOICEIQ_", "WABA_", "MPESA_", "SMS_", "DATABASE_URL", "ADMIN_TOKEN", "MERCHANT_")
@@ -109,6 +109,12 @@ async def test_prune_clears_old_payloads_keeps_rows_and_deletes_old_keys(cli_env
         for key, created in (("key-old", old), ("key-new", recent)):
             assert await idempotency.begin(tx, "POST /invoices", key, "h", created) is None
             await idempotency.finish(tx, "POST /invoices", key, 201, '{"msisdn":"254712345678"}')
+        for name, created, status in (("out_old_done", old, "DELIVERED"), ("out_old_waiting", old, "PENDING"),
+                                      ("out_new_done", recent, "READ")):
+            row = await outbox.enqueue(tx, recipient="254712345678", channel=Channel.WHATSAPP, kind="reply",
+                                       content={"text": f"words {name}"}, now_ms=created, dedupe_key=name)
+            await tx.execute("UPDATE outbox SET status = :s WHERE id = :id", {"s": status, "id": row})
+            ids[name] = row
 
     await store.write(seed)
     logged_before = await scalar(store, "SELECT COUNT(*) FROM message_log")
@@ -120,6 +126,7 @@ async def test_prune_clears_old_payloads_keeps_rows_and_deletes_old_keys(cli_env
     assert "message_log: cleared 2 message payloads (rows and events kept)" in lines
     assert "inbox: cleared 1 payload of processed events (rows kept to deduplicate provider retries)" in lines
     assert "idempotency_keys: deleted 1 key" in lines
+    assert "outbox: cleared the text of 1 finished send (rows kept)" in lines
     assert not any(line.startswith("{") for line in lines)  # log lines go to stderr
 
     async def payload(tx: Tx, row_id: str) -> Any:
@@ -146,11 +153,21 @@ async def test_prune_clears_old_payloads_keeps_rows_and_deletes_old_keys(cli_env
     assert await scalar(store, "SELECT COUNT(*) FROM idempotency_keys") == 1
     assert await scalar(store, "SELECT idem_key FROM idempotency_keys") == "key-new"
 
+    async def send_text(tx: Tx, row_id: int) -> str:
+        return str(await tx.val("SELECT CAST(content AS TEXT) FROM outbox WHERE id = :i", {"i": row_id}))
+
+    assert await store.read(lambda tx: send_text(tx, ids["out_old_done"])) == "{}"
+    # Still to send (whatever its age), or recent: the text stays.
+    assert "words out_old_waiting" in await store.read(lambda tx: send_text(tx, ids["out_old_waiting"]))
+    assert "words out_new_done" in await store.read(lambda tx: send_text(tx, ids["out_new_done"]))
+    assert await scalar(store, "SELECT status FROM outbox WHERE id = :i", {"i": ids["out_old_done"]}) == "DELIVERED"
+
     # Idempotent: a second run finds nothing more to do.
     code, out, _ = await run_cli("prune", "--older-than", "30")
     assert code == 0
     assert "message_log: cleared 0 message payloads (rows and events kept)" in out.splitlines()
     assert "idempotency_keys: deleted 0 keys" in out.splitlines()
+    assert "outbox: cleared the text of 0 finished sends (rows kept)" in out.splitlines()
 
 
 async def test_prune_works_in_batches(cli_env: str, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -168,6 +185,9 @@ async def test_prune_works_in_batches(cli_env: str, store: Store, monkeypatch: p
             assert seq is not None
             await inbox.mark_processed(tx, seq, 1_000_000_000_000)
             await idempotency.begin(tx, "s", f"k{i}", "h", 1_000_000_000_000)
+            sent = await outbox.enqueue(tx, recipient="254712345678", channel=Channel.SMS, kind="reply",
+                                        content={"text": "x"}, now_ms=1_000_000_000_000, dedupe_key=f"d{i}")
+            await tx.execute("UPDATE outbox SET status = 'SENT' WHERE id = :id", {"id": sent})
 
     await store.write(seed)
     code, out, err = await run_cli("prune", "--older-than", "1")
@@ -175,7 +195,8 @@ async def test_prune_works_in_batches(cli_env: str, store: Store, monkeypatch: p
     assert "message_log: cleared 8 message payloads (rows and events kept)" in out
     assert "inbox: cleared 8 payloads of processed events" in out
     assert "idempotency_keys: deleted 8 keys" in out
-    assert await scalar(store, "SELECT COUNT(*) FROM message_log WHERE payload IS NOT NULL") == 0
+    assert "outbox: cleared the text of 8 finished sends (rows kept)" in out
+    assert await scalar(store, "SELECT COUNT(*) FROM message_log WHERE payload IS NOT NULL AND event = 'inbound'") == 0
 
 
 async def test_prune_refuses_nonsense_days(cli_env: str, store: Store) -> None:
@@ -320,6 +341,7 @@ def test_commands_through_python_m_invoiceiq(tmp_path: Path) -> None:
     assert pruned.stdout.splitlines()[1:] == [
         "message_log: cleared 0 message payloads (rows and events kept)",
         "inbox: cleared 0 payloads of processed events (rows kept to deduplicate provider retries)",
+        "outbox: cleared the text of 0 finished sends (rows kept)",
         "idempotency_keys: deleted 0 keys"]
     # Sandbox mode (no credentials): the simulated Daraja is inside the daemon on server.bind's port.
     reconciled = run("reconcile")

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
+import anyio
 import httpx
 import pytest
 
@@ -394,6 +395,33 @@ async def test_an_async_failed_status_sends_the_sms_and_tells_the_merchant_once_
     assert events[("SMS", "sent")] == 1
 
 
+async def test_a_failure_reported_after_prune_emptied_the_text_sends_nothing_again(
+        h: Handle, providers: Scripted) -> None:
+    """`invoiceiq prune` empties the content of sends that left the outbox. A failed status
+    for such a send (Meta reporting it weeks later) is recorded and the merchant told that the
+    invoice did not arrive, but no SMS goes out: there is no text left to send, and a blank
+    message (or a crash rendering one) would be worse than none."""
+    await new_invoice(h)
+    await h.wait_for_texts(MERCHANT, 1)
+    await settle(h)
+    wamid = providers.to(CUSTOMER)[0].message_id
+    await post_status(h, status_event(wamid, "sent", CUSTOMER))
+    pruned = await h.store.write(lambda tx: outbox.prune_content(tx, h.daemon.clock.now_ms() + 1))
+    assert pruned == 2  # the invoice and the merchant's confirmation; nothing waits to be sent
+    failed = json.loads((PROVIDERS_DIR / "whatsapp_status_failed_131047.json").read_text())
+    failed["entry"][0]["changes"][0]["value"]["statuses"][0]["id"] = wamid
+    await post_status(h, failed)
+    assert [s for s in providers.sent if s.kind == "sms"] == []
+    assert len(providers.to(CUSTOMER)) == 1  # the invoice, once
+    wa_row = await invoice_row(h, "1001")
+    assert wa_row["status"] == "FAILED" and wa_row["content"] in ("{}", {})
+    assert (await rows(h, "kind = 'invoice'")) == [wa_row]  # no fallback row, no template retry
+    (invoice,) = await q(h, "SELECT status FROM invoices")
+    assert invoice["status"] == "FAILED"
+    merchant = providers.texts(MERCHANT)
+    assert len(merchant) == 2 and "#1001" in merchant[1]  # the confirmation, then: not delivered
+
+
 async def test_outside_the_window_an_interactive_invoice_is_sent_again_as_the_template(
         h: Handle, providers: Scripted) -> None:
     # The customer wrote, so the invoice goes as the interactive message; Meta then says the
@@ -734,3 +762,40 @@ async def test_a_burst_of_sends_reads_the_next_due_time_once_not_per_claim(
     clock.advance(outbox_actor.NEXT_DUE_TTL_MS)
     await outbox_pass(h)
     assert reads["n"] > before
+
+
+async def test_a_retry_scheduled_while_the_next_due_time_is_read_is_not_hidden_by_it(clock: ManualClock) -> None:
+    """The outbox reads the earliest due time in a reader thread and keeps it for a second of
+    its clock. A send failing meanwhile schedules its retry after the read began: the answer
+    may not include it, and keeping it hid the retry until the kept time ran out (with the
+    test's clock standing still: for ever; a full-suite run caught it). A read that overlaps
+    a retry is used once and not kept."""
+    from types import SimpleNamespace
+
+    from invoiceiq.actors.outbox import OutboxActor
+
+    now = clock.now_ms()
+    retry_at = now + 400
+    answers = iter([None, retry_at])  # the first read's snapshot predates the retry
+
+    class Reader:
+        reads = 0
+
+        async def scan(self, job: Any) -> Any:
+            Reader.reads += 1
+            answer = next(answers)
+            if Reader.reads == 1:
+                actor._due_at(retry_at)  # the failing send, while this read is in flight
+            return answer
+
+    core = SimpleNamespace(store=Reader(), clock=clock, settings=make_settings("sqlite:///unused.db"),
+                           sms_configured=False)
+    actor = OutboxActor(core=core, whatsapp=None, sms=None, stopping=anyio.Event(),  # type: ignore[arg-type]
+                        worker_id="test")
+    channels = (Channel.WHATSAPP,)
+    assert await actor._next_due(now, channels) is None
+    assert await actor._next_due(now, channels) == retry_at  # read again, not the kept None
+    assert Reader.reads == 2
+    assert await actor._next_due(now, channels) == retry_at  # and this answer is kept
+    assert Reader.reads == 2
+

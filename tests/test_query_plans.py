@@ -223,6 +223,9 @@ def _prune_history(raw: sqlite3.Connection, pruned: int) -> None:
         raw.execute("INSERT INTO idempotency_keys (scope, idem_key, request_hash, status_code, response_body,"
                     " created_at_ms) VALUES ('POST /invoices', ?, 'h', 201, '{}', ?)",
                     (f"key{i}", NOW if i < pruned else old_ms))
+        raw.execute("INSERT INTO outbox (recipient, order_key, channel, kind, content, status, next_attempt_at_ms,"
+                    " created_at_ms, updated_at_ms) VALUES ('254712345678', '254712345678', 'WHATSAPP', 'reply', ?,"
+                    " 'DELIVERED', ?, ?, ?)", ("{}" if i < pruned else '{"text": "hello"}', old_ms, old_ms, old_ms))
     raw.execute("COMMIT")
 
 
@@ -231,6 +234,7 @@ PRUNE_SLICES: dict[str, Callable[[Tx], Awaitable[int]]] = {
         tx, datetime(2026, 6, 1), limit=5),
     "inbox.prune_payloads": lambda tx: inbox.prune_payloads(tx, NOW - 86_400_000, limit=5),
     "idempotency.prune_batch": lambda tx: idempotency.prune_batch(tx, NOW - 86_400_000, limit=5),
+    "outbox.prune_content": lambda tx: outbox.prune_content(tx, NOW - 86_400_000, limit=5),
 }
 
 
@@ -238,7 +242,7 @@ PRUNE_SLICES: dict[str, Callable[[Tx], Awaitable[int]]] = {
 async def test_a_prune_slice_does_not_walk_what_was_pruned_before(migrated: Path, tmp_path: Path, name: str) -> None:
     """Each slice of `invoiceiq prune` is a write transaction beside the daemon: it must find
     its 5 rows without walking the thousands pruned on earlier days (migration 0005's partial
-    indexes). Counted in SQLite virtual-machine steps, which do not depend on the machine."""
+    indexes, and 0006's for the outbox). Counted in SQLite virtual-machine steps, which do not depend on the machine."""
     work = {}
     for pruned in (1000, 4000):
         path = tmp_path / f"pruned{pruned}.db"

@@ -118,7 +118,13 @@ class Outbox:
         after.events.append((row.channel.value, "OUT", "failed"))
         log.warning("message_failed", outbox_id=row.id, channel=row.channel.value, kind=row.kind,
                     invoice_id=row.invoice_id, code=code, reason=reason)
-        if (row.channel is Channel.WHATSAPP and code == "131047" and row.kind in ("invoice", "reminder")
+        # A failure reported after `invoiceiq prune` emptied the row's content (weeks after it
+        # was sent): there is nothing left to send again another way. Recorded all the same.
+        resendable = bool(row.content)
+        if not resendable:
+            log.info("resend_skipped_content_pruned", outbox_id=row.id, invoice_id=row.invoice_id)
+        if (resendable and row.channel is Channel.WHATSAPP and code == "131047"
+                and row.kind in ("invoice", "reminder")
                 and row.sent_form == "interactive"):
             # Outside the 24-hour window (our record of it was wrong): the approved template is
             # allowed there. Try it once before falling back to SMS.
@@ -130,7 +136,7 @@ class Outbox:
                 after.queued += 1
                 log.info("retry_as_template", outbox_id=row.id, invoice_id=row.invoice_id)
                 return
-        if row.channel is Channel.WHATSAPP and self.sms_configured:
+        if resendable and row.channel is Channel.WHATSAPP and self.sms_configured:
             content = dict(row.content, fallback_reason=delivery.fallback_reason(code))
             new_id = await outbox.enqueue(
                 tx, recipient=row.recipient, channel=Channel.SMS, kind=row.kind, content=content,
@@ -186,8 +192,10 @@ class OutboxActor:
         self.in_flight = 0
         self._paused_until: dict[Channel, int] = {}
         self.channel_problems: dict[Channel, str] = {}
-        # The earliest future due time as last read: (value, read at, for which channels).
+        # The earliest future due time as last read: (value, read at, for which channels), and
+        # how many retries this process has scheduled (a read that overlaps one is not kept).
         self._due: tuple[int | None, int, tuple[Channel, ...]] | None = None
+        self._retries_scheduled = 0
 
     # -- health ------------------------------------------------------------------------------
 
@@ -247,12 +255,17 @@ class OutboxActor:
             due, read_at, for_channels = self._due
             if for_channels == channels and now - read_at < NEXT_DUE_TTL_MS and (due is None or due > now):
                 return due
+        scheduled = self._retries_scheduled
         due = await self.store.scan(lambda tx: outbox.next_due_ms(tx, now, channels))
-        self._due = (due, now, channels)
+        # A retry scheduled while the read was in flight may be missing from what it saw:
+        # keeping that answer would hide the retry until the kept time expires. Not kept then;
+        # the retry's wake brings the loop straight back to read again.
+        self._due = (due, now, channels) if scheduled == self._retries_scheduled else None
         return due
 
     def _due_at(self, when: int) -> None:
         """A retry this process scheduled: the kept earliest due time may not be later."""
+        self._retries_scheduled += 1
         if self._due is not None:
             due, read_at, channels = self._due
             self._due = (when if due is None else min(due, when), read_at, channels)

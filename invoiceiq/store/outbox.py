@@ -217,6 +217,20 @@ async def pending_count(tx: Tx) -> int:
     return int(await tx.val("SELECT COUNT(*) FROM outbox WHERE status IN ('PENDING','SENDING')") or 0)
 
 
+async def prune_content(tx: Tx, before_ms: int, limit: int = 5000) -> int:
+    """Empty (to ``{}``) the content of sends created before ``before_ms`` that have left the
+    outbox (sent, or given up): their text and the names and amounts in it are personal data,
+    needed only while the send may still be made, or made again another way. The rows stay
+    (what was sent to whom and when, and their dedupe keys). A row still to send is never
+    touched, whatever its age. At most ``limit`` rows per call; call until it returns 0."""
+    rows = await tx.all(
+        "UPDATE outbox SET content = '{}' WHERE id IN (SELECT id FROM outbox"
+        " WHERE status IN ('SENT','DELIVERED','READ','FAILED','CANCELLED') AND CAST(content AS TEXT) <> '{}'"
+        " AND created_at_ms < :before LIMIT :lim) RETURNING id",
+        {"before": before_ms, "lim": limit})
+    return len(rows)
+
+
 async def for_invoice(tx: Tx, invoice_id: str) -> list[OutboxRow]:
     rows = await tx.all("SELECT * FROM outbox WHERE invoice_id = :inv ORDER BY id", {"inv": invoice_id})
     return [_row(r) for r in rows]
