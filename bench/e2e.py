@@ -341,7 +341,7 @@ class Driver:
 
     async def phone(self, msisdn: str) -> dict[str, Any]:
         # since=<now>: the events were already read by the poller; only the phone is wanted.
-        state = await self._get("/state", params={"phones": msisdn, "since": self.seq})
+        state = await self._get("/state", params={"phones": msisdn, "since": self.seq, "numbers": "0"})
         for p in state["phones"]:
             if p["msisdn"] == msisdn:
                 return p
@@ -352,7 +352,7 @@ class Driver:
     async def _poll(self) -> None:
         while True:
             try:
-                state = await self._get("/state", params={"since": self.seq, "wait": 20, "phones": "0"},
+                state = await self._get("/state", params={"since": self.seq, "wait": 20, "phones": "0", "numbers": "0"},
                                         client=self.poll_client)
             except Exception:  # noqa: BLE001 - the flows' waits time out if this never recovers
                 await asyncio.sleep(0.2)

@@ -4,6 +4,7 @@ the state long-poll, the console, configuration, the standalone server and impor
 from __future__ import annotations
 
 import ast
+import collections
 import json
 import os
 import signal
@@ -496,3 +497,59 @@ def test_standalone_server_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
+
+
+# -- the state long poll stays cheap as the world grows -----------------------------------------
+
+
+class _ForwardWalkForbidden(collections.deque):  # type: ignore[type-arg]
+    """An event log that refuses to be walked from its start (it may be read from its end)."""
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        raise AssertionError("events_since walked the whole event log")
+
+
+async def test_events_since_reads_only_the_new_events_from_the_end_of_the_log() -> None:
+    """A console or load driver long-polls /api/state after every change: walking the whole
+    event log each time made a 1,000-flow run quadratic (6% of the simulators' CPU). The log
+    holds consecutive numbers, so the new events are its newest entries; also right after a
+    reset (numbers keep counting) and once the log has dropped its oldest entries."""
+    from invoiceiq.sandbox import world as world_module
+
+    async with harness() as h:
+        world = h.sim.world
+        for i in range(30):
+            world.log("test.event", f"event {i}")
+        seqs = [e.seq for e in world.events]
+        assert [e.seq for e in world.events_since(seqs[-4])] == seqs[-3:]
+        assert [e.seq for e in world.events_since(0)] == seqs
+        assert world.events_since(seqs[-1]) == [] and world.events_since(seqs[-1] + 7) == []
+        log = world.events
+        world.events = _ForwardWalkForbidden(log, maxlen=log.maxlen)
+        assert [e.summary for e in world.events_since(seqs[-2])] == ["event 29"]
+        world.events = log
+        world.clear()
+        (reset,) = world.events_since(seqs[-1])
+        assert reset.kind == "sandbox.reset" and reset.seq == seqs[-1] + 1
+        for i in range(world_module.EVENT_LOG_LIMIT + 5):
+            world.log("test.event", f"again {i}")
+        newest = world.events[-1].seq
+        assert len(world.events_since(0)) == world_module.EVENT_LOG_LIMIT  # what the log still holds
+        assert [e.seq for e in world.events_since(newest - 2)] == [newest - 1, newest]
+
+
+async def test_state_can_leave_out_the_list_of_every_number() -> None:
+    """``numbers=0``: a driver polling for events does not need every known number again with
+    each change; the phones asked for still come, the merchant and default customer first."""
+    async with harness() as h:
+        for n in ("254799000333", "254799000222"):
+            h.sim.phone_whatsapp(n, "hi")
+        full = (await h.api.get("/api/state")).json()
+        assert full["msisdns"] == ["254711000111", CUSTOMER, "254799000333", "254799000222"]
+        lean = (await h.api.get("/api/state", params={"numbers": "0", "phones": "254799000222,254711000111,0"})).json()
+        assert lean["msisdns"] == []
+        assert [p["msisdn"] for p in lean["phones"]] == ["254711000111", "254799000222"]
+        assert lean["events"] == full["events"]
+        asked = (await h.api.get("/api/state", params={"phones": "254799000222,254799000333"})).json()
+        assert [p["msisdn"] for p in asked["phones"]] == ["254799000222", "254799000333"]
+        assert asked["msisdns"] == full["msisdns"]

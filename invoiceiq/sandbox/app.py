@@ -154,9 +154,10 @@ def create_app(sim: Simulator) -> Quart:
         except ValueError:
             raise SandboxError(400, "since must be an integer and wait a number of seconds") from None
         phones = [p for p in request.args.get("phones", "").split(",") if p]
+        numbers = request.args.get("numbers", "1") != "0"
         if wait > 0:
             await sim.wait_change(since, wait)
-        return _json(sim.state(since, phones or None))
+        return _json(sim.state(since, phones or None, numbers=numbers))
 
     @app.get("/api/journal")
     async def api_journal() -> Response:

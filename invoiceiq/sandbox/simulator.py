@@ -195,11 +195,16 @@ class Simulator:
     def deliveries(self, kind: str | None = None) -> list[Delivery]:
         return [d for d in self.outbox.history if kind is None or d.kind == kind]
 
-    def state(self, since: int = 0, phones: list[str] | None = None) -> dict[str, Any]:
+    def state(self, since: int = 0, phones: list[str] | None = None, numbers: bool = True) -> dict[str, Any]:
+        """The console's snapshot: settings, ``phones`` (all, or those asked for), the events
+        after ``since``, and every known number (``msisdns``, in the order the console lists
+        them) unless ``numbers`` is False: a driver long-polling for events with thousands of
+        phones does not need the list again with every change."""
         now = self.now()
         first = [self.config.merchant_msisdn, self.config.default_customer_msisdn]
-        numbers = first + [m for m in self.world.phones if m not in first]
-        wanted = set(map(normalise_msisdn, phones)) if phones else None
+        asked = list(dict.fromkeys(map(normalise_msisdn, phones))) if phones else None
+        wanted = set(asked) if asked is not None else None
+        known = first + [m for m in self.world.phones if m not in first] if numbers or wanted is None else first
         return {
             "seq": self.world.seq,
             "now": now,
@@ -214,10 +219,13 @@ class Simulator:
                 "faults": self.faults.active(),
                 "pending_deliveries": self.outbox.pending(),
             },
-            "msisdns": numbers,
+            "msisdns": known if numbers else [],
             "phones": [
                 phone_view(self.world.phones[m], self.world.stk, self.config.daraja_business_name, now)
-                for m in numbers
+                # Asked for by number: those, without walking every phone (the merchant and
+                # the default customer first, as in the full list, then in the order asked).
+                for m in (known if asked is None else [m for m in first if m in wanted]
+                          + [m for m in asked if m not in first])
                 if m in self.world.phones and (wanted is None or m in wanted)
             ],
             "events": [asdict(e) for e in self.world.events_since(since)],
