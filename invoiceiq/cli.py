@@ -243,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        ("check-config", "print the effective configuration, secrets masked"),
                        ("reconcile", "ask M-PESA now about every unresolved STK attempt and print each outcome"),
                        ("prune", "remove personal data older than --older-than DAYS (message bodies, "
-                                 "processed event payloads, idempotency keys)")):
+                                 "processed event payloads, texts of finished sends, idempotency keys)")):
         command = commands[name] = sub.add_parser(name, help=text, description=text)
         command.add_argument("--config", dest="config_sub", metavar="CONFIG", help="TOML file")
     commands["reconcile"].add_argument("--invoice", help="only this invoice's attempts (e.g. 1042)")
