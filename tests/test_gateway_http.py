@@ -195,6 +195,20 @@ async def _keepalive_server(close_after_each: bool = False, closed: list[int] | 
     return server, server.sockets[0].getsockname()[1], connections
 
 
+def _count_calls(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> dict[str, int]:
+    """From now on, count the calls of ``owner.name`` (a function, or a method of a class):
+    the returned dict's ``"n"``."""
+    calls = {"n": 0}
+    real = getattr(owner, name)
+
+    def counting(*args: object, **kwargs: object) -> object:
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counting)
+    return calls
+
+
 @pytest.mark.anyio
 async def test_the_pool_checks_idle_connections_without_asking_the_socket_everything(
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -207,20 +221,13 @@ async def test_the_pool_checks_idle_connections_without_asking_the_socket_everyt
     from invoiceiq.gateways.transport import PoolTransport, _Backend
 
     server, port, connections = await _keepalive_server()
-    calls = {"n": 0}
-    real = socket.socket.getpeername
-
-    def counting(self):  # type: ignore[no-untyped-def]
-        calls["n"] += 1
-        return real(self)
-
     async with server, make_client() as client:
         assert isinstance(client._transport, PoolTransport)
         assert isinstance(client._transport._pool._network_backend, _Backend)  # an httpx upgrade must not drop it
         async with anyio.create_task_group() as tg:  # 5 connections, then all idle
             for _ in range(5):
                 tg.start_soon(client.post, f"http://127.0.0.1:{port}/x", )
-        monkeypatch.setattr(socket.socket, "getpeername", counting)
+        calls = _count_calls(monkeypatch, socket.socket, "getpeername")
         for _ in range(20):
             response = await client.post(f"http://127.0.0.1:{port}/x", json={"n": 1})
             assert response.status_code == 200
@@ -254,13 +261,6 @@ async def test_the_pools_bookkeeping_is_linear_in_its_connections(monkeypatch: p
     from invoiceiq.gateways.transport import _Pool
 
     server, port, connections = await _keepalive_server()
-    calls = {"n": 0}
-    real = AsyncHTTP11Connection.is_idle
-
-    def counting(self):  # type: ignore[no-untyped-def]
-        calls["n"] += 1
-        return real(self)
-
     async with server, make_client() as client:
         assert isinstance(client._transport._pool, _Pool)
 
@@ -271,7 +271,7 @@ async def test_the_pools_bookkeeping_is_linear_in_its_connections(monkeypatch: p
             for _ in range(20):
                 tg.start_soon(held)
         assert len(connections) == 20
-        monkeypatch.setattr(AsyncHTTP11Connection, "is_idle", counting)
+        calls = _count_calls(monkeypatch, AsyncHTTP11Connection, "is_idle")
         for _ in range(10):
             assert (await client.post(f"http://127.0.0.1:{port}/x", json={"n": 1})).status_code == 200
     assert len(connections) == 20  # all reused: same decisions
@@ -298,16 +298,9 @@ async def test_between_full_reviews_the_pool_polls_only_the_connection_it_uses(
 
     server, port, connections = await _keepalive_server()
     monkeypatch.setattr(transport._Pool, "FULL_REVIEW_EVERY_S", 3600.0)
-    polls = {"n": 0}
-    real = transport.is_socket_readable
-
-    def counting(sock):  # type: ignore[no-untyped-def]
-        polls["n"] += 1
-        return real(sock)
-
     async with server, make_client() as client:
         await _idle_pool(client, port, 20)
-        monkeypatch.setattr(transport, "is_socket_readable", counting)
+        polls = _count_calls(monkeypatch, transport, "is_socket_readable")
         for _ in range(10):
             assert (await client.post(f"http://127.0.0.1:{port}/x", json={"n": 1})).status_code == 200
     assert len(connections) == 20  # reused
@@ -355,21 +348,8 @@ async def test_a_connection_is_handed_to_one_request_at_a_time(monkeypatch: pyte
     from invoiceiq.gateways.transport import _Pool
 
     server, port, connections = await _keepalive_server()
-    retries = {"n": 0}
-    reviews = {"n": 0}
-    real_clear = AsyncPoolRequest.clear_connection
-    real_review = _Pool._assign_requests_to_connections
-
-    def clear(self):  # type: ignore[no-untyped-def]
-        retries["n"] += 1
-        return real_clear(self)
-
-    def review(self):  # type: ignore[no-untyped-def]
-        reviews["n"] += 1
-        return real_review(self)
-
-    monkeypatch.setattr(AsyncPoolRequest, "clear_connection", clear)
-    monkeypatch.setattr(_Pool, "_assign_requests_to_connections", review)
+    retries = _count_calls(monkeypatch, AsyncPoolRequest, "clear_connection")
+    reviews = _count_calls(monkeypatch, _Pool, "_assign_requests_to_connections")
     async with server, make_client() as client:
 
         async def sender() -> None:
