@@ -162,9 +162,11 @@ async def test_a_provider_call_ends_before_the_shortest_outbox_lease(monkeypatch
 # -- the pool's transport (gateways/transport.py) ---------------------------------------------
 
 
-async def _keepalive_server(close_after_each: bool = False, closed: list[int] | None = None):  # type: ignore[no-untyped-def]
-    """A tiny HTTP/1.1 server on loopback: answers 200 and keeps the connection open, or closes
-    it right after each answer without saying so (as a server timing out idle clients does)."""
+async def _keepalive_server(close_after_each: bool = False, closed: list[int] | None = None,  # type: ignore[no-untyped-def]
+                            delay_s: float = 0.0):
+    """A tiny HTTP/1.1 server on loopback: answers 200 (after ``delay_s``) and keeps the
+    connection open, or closes it right after each answer without saying so (as a server
+    timing out idle clients does)."""
     import asyncio
 
     connections: list[int] = []
@@ -180,6 +182,8 @@ async def _keepalive_server(close_after_each: bool = False, closed: list[int] | 
                         length = int(line.split(b":", 1)[1])
                 if length:
                     await reader.readexactly(length)
+                if delay_s:
+                    await asyncio.sleep(delay_s)
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: application/json\r\n\r\n{}")
                 await writer.drain()
                 if close_after_each:
@@ -363,6 +367,40 @@ async def test_a_connection_is_handed_to_one_request_at_a_time(monkeypatch: pyte
     assert retries["n"] == 0, retries
     assert reviews["n"] == 2 * 200, reviews
     assert len(connections) <= 40
+
+
+@pytest.mark.anyio
+async def test_requests_given_up_while_queued_or_on_the_wire_leave_nothing_taken() -> None:
+    """The pool hands a connection to one request at a time: a request cancelled while it
+    waits for one, or while its connection is handed to it, or while it is on the wire (an
+    outbox lease ending, a shutdown) must give its place back. 2 connections, 12 requests of
+    which every other is given up after 10 ms: the rest all succeed, then the pool is empty
+    of requests and serves again at once on the same two connections."""
+    from invoiceiq.gateways.transport import PoolTransport
+
+    server, port, connections = await _keepalive_server(delay_s=0.1)
+    limits = httpx.Limits(max_connections=2, max_keepalive_connections=2)
+    async with server, httpx.AsyncClient(transport=PoolTransport(limits)) as client:
+        done: list[int] = []
+        given_up: list[int] = []
+
+        async def one(i: int) -> None:
+            with anyio.move_on_after(0.01 if i % 2 else 10) as scope:
+                done.append((await client.post(f"http://127.0.0.1:{port}/x", json={"n": i})).status_code)
+            if scope.cancelled_caught:
+                given_up.append(i)
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                for i in range(12):
+                    tg.start_soon(one, i)
+        assert done == [200] * (12 - len(given_up)) and len(given_up) == 6, (done, given_up)
+        pool = client._transport._pool
+        assert pool._requests == []
+        with anyio.fail_after(5):
+            for _ in range(4):
+                assert (await client.post(f"http://127.0.0.1:{port}/x", json={"n": 0})).status_code == 200
+    assert len(connections) <= 2 + 6  # a request cut off on the wire costs its connection, no more
 
 
 @pytest.mark.anyio
