@@ -121,7 +121,7 @@ class Outbox:
         # A failure reported after `invoiceiq prune` emptied the row's content (weeks after it
         # was sent): there is nothing left to send again another way. Recorded all the same.
         resendable = bool(row.content)
-        if not resendable:
+        if not resendable and row.channel is Channel.WHATSAPP:
             log.info("resend_skipped_content_pruned", outbox_id=row.id, invoice_id=row.invoice_id)
         if (resendable and row.channel is Channel.WHATSAPP and code == "131047"
                 and row.kind in ("invoice", "reminder")

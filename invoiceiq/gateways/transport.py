@@ -112,24 +112,19 @@ class _Pool(httpcore.AsyncConnectionPool):
         # meanwhile: all but one then fail with ConnectionNotAvailable and go round again,
         # each with a review of its own (with 48 sends in flight, 16 tries per request).
         # One request per connection at a time (HTTP/1.1): skip the ones already handed out.
-        queued: list[typing.Any] = []
-        taken: set[int] = set()
-        for r in self._requests:
-            if r.is_queued():
-                queued.append(r)
-            else:
-                taken.add(id(r.connection))
+        queued = [r for r in self._requests if r.is_queued()]
+        taken = {r.connection for r in self._requests if r.connection is not None}
         for pool_request in queued:
             origin = pool_request.request.url.origin
             available = self._first_available(origin, checked=full, closing=closing, taken=taken)
             if available is not None:
                 pool_request.assign_to_connection(available)
-                taken.add(id(available))
+                taken.add(available)
             elif len(connections) < self._max_connections:
                 connection = self.create_connection(origin)
                 connections.append(connection)
                 pool_request.assign_to_connection(connection)
-            elif (idle := next((c for c in connections if id(c) not in taken and c.is_idle()), None)) is not None:
+            elif (idle := next((c for c in connections if c not in taken and c.is_idle()), None)) is not None:
                 connections.remove(idle)
                 closing.append(idle)
                 connection = self.create_connection(origin)
@@ -139,14 +134,14 @@ class _Pool(httpcore.AsyncConnectionPool):
 
     def _first_available(self, origin: httpcore.Origin, *, checked: bool,
                          closing: list[httpcore.AsyncConnectionInterface],
-                         taken: set[int]) -> httpcore.AsyncConnectionInterface | None:
+                         taken: set[httpcore.AsyncConnectionInterface]) -> httpcore.AsyncConnectionInterface | None:
         """The first connection not handed out that can take a request to ``origin`` now; an
         idle one is asked whether it expired (unless this review just asked), dropped if so."""
         connections = self._connections
         i = 0
         while i < len(connections):
             connection = connections[i]
-            if id(connection) not in taken and connection.can_handle_request(origin) and connection.is_available():
+            if connection not in taken and connection.can_handle_request(origin) and connection.is_available():
                 if checked or not connection.is_idle() or not connection.has_expired():
                     return connection
                 del connections[i]

@@ -202,9 +202,14 @@ class Simulator:
         phones does not need the list again with every change."""
         now = self.now()
         first = [self.config.merchant_msisdn, self.config.default_customer_msisdn]
-        asked = list(dict.fromkeys(map(normalise_msisdn, phones))) if phones else None
-        wanted = set(asked) if asked is not None else None
-        known = first + [m for m in self.world.phones if m not in first] if numbers or wanted is None else first
+        every = first + [m for m in self.world.phones if m not in first] if numbers or not phones else []
+        if phones:
+            # Those asked for, without walking every phone: the merchant and the default
+            # customer first, as in the full list, then in the order asked.
+            asked = list(dict.fromkeys(map(normalise_msisdn, phones)))
+            shown = [m for m in first if m in asked] + [m for m in asked if m not in first]
+        else:
+            shown = every
         return {
             "seq": self.world.seq,
             "now": now,
@@ -219,14 +224,11 @@ class Simulator:
                 "faults": self.faults.active(),
                 "pending_deliveries": self.outbox.pending(),
             },
-            "msisdns": known if numbers else [],
+            "msisdns": every if numbers else [],
             "phones": [
                 phone_view(self.world.phones[m], self.world.stk, self.config.daraja_business_name, now)
-                # Asked for by number: those, without walking every phone (the merchant and
-                # the default customer first, as in the full list, then in the order asked).
-                for m in (known if asked is None else [m for m in first if m in wanted]
-                          + [m for m in asked if m not in first])
-                if m in self.world.phones and (wanted is None or m in wanted)
+                for m in shown
+                if m in self.world.phones
             ],
             "events": [asdict(e) for e in self.world.events_since(since)],
         }

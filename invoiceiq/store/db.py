@@ -83,6 +83,20 @@ class Tx:
         return None if row is None else next(iter(row._mapping.values()))
 
 
+async def update_slice(tx: Tx, table: str, key: str, assign: str, where: str,
+                       params: Mapping[str, Any], limit: int) -> int:
+    """One slice of a bulk change (``invoiceiq prune``): ``SET assign`` on at most ``limit``
+    rows of ``table`` matching ``where``, picked by ``key``; how many changed. A slice is one
+    short write transaction, so the running daemon's writes wait milliseconds, not the whole
+    prune; call until it returns 0. For SQLite to find the rows through a partial index,
+    ``where`` must repeat the index's terms word for word. (The fragments are the store's own
+    constants, never input.)"""
+    rows = await tx.all(
+        f"UPDATE {table} SET {assign} WHERE {key} IN (SELECT {key} FROM {table} WHERE {where} LIMIT :lim)"
+        f" RETURNING {key}", {**params, "lim": limit})
+    return len(rows)
+
+
 def _pg_params(params: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """PostgreSQL refuses a NUL character in text, where SQLite keeps it. Text reaching us
     from outside may carry one; dropping it beats failing the whole transaction."""

@@ -47,14 +47,9 @@ async def release(tx: Tx, scope: str, key: str) -> None:
     await tx.execute("DELETE FROM idempotency_keys WHERE scope = :s AND idem_key = :k", {"s": scope, "k": key})
 
 
-async def prune(tx: Tx, before_ms: int) -> int:
-    rows = await tx.all("DELETE FROM idempotency_keys WHERE created_at_ms < :b RETURNING idem_key", {"b": before_ms})
-    return len(rows)
-
-
 async def prune_batch(tx: Tx, before_ms: int, limit: int = 5000) -> int:
-    """``prune`` in slices of at most ``limit`` keys (one short transaction each); call until
-    it returns 0. A client retrying with a deleted key gets its request done again, so keep
+    """Delete keys created before ``before_ms``, in slices of at most ``limit`` keys (one short
+    transaction each); call until it returns 0. A client retrying with a deleted key gets its request done again, so keep
     keys far longer than any client retries (days, not minutes)."""
     rows = await tx.all(
         "DELETE FROM idempotency_keys WHERE (scope, idem_key) IN (SELECT scope, idem_key"

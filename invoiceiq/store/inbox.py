@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .db import Tx
+from .db import Tx, update_slice
 from .jsonio import dumps, loads
 
 
@@ -123,10 +123,8 @@ async def prune_payloads(tx: Tx, before_ms: int, limit: int = 5000) -> int:
     """Empty (to ``{}``) the payloads of events processed and received before ``before_ms``:
     message texts and raw callbacks are personal data, needed only until the event has been
     applied. The rows stay, because their ``(source, event_id)`` still deduplicates a provider
-    that redelivers. At most ``limit`` rows per call; call until it returns 0."""
-    rows = await tx.all(
-        "UPDATE inbox SET payload = '{}' WHERE seq IN (SELECT seq FROM inbox"
-        " WHERE processed_at_ms IS NOT NULL AND received_at_ms < :before"
-        " AND CAST(payload AS TEXT) <> '{}' LIMIT :lim) RETURNING seq",
-        {"before": before_ms, "lim": limit})
-    return len(rows)
+    that redelivers. At most ``limit`` rows per call (``db.update_slice``); call until 0."""
+    return await update_slice(
+        tx, "inbox", "seq", "payload = '{}'",
+        "processed_at_ms IS NOT NULL AND received_at_ms < :before AND CAST(payload AS TEXT) <> '{}'",
+        {"before": before_ms}, limit)

@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from ..core.model import Channel, Direction
-from .db import Tx
+from .db import Tx, update_slice
 from .ids import new_id
 from .jsonio import dumps
 
@@ -38,23 +38,10 @@ async def for_invoice(tx: Tx, invoice_id: str) -> list[dict[str, Any]]:
         " WHERE invoice_id = :inv ORDER BY created_at, id", {"inv": invoice_id})
 
 
-async def prune_payloads(tx: Tx, before: datetime) -> int:
-    """Drop message content written before ``before`` (naive UTC), keeping rows and events."""
+async def prune_payloads_batch(tx: Tx, before: datetime, limit: int = 5000) -> int:
+    """Drop the content of messages logged before ``before`` (naive UTC), keeping the rows and
+    their events; at most ``limit`` rows per call (``db.update_slice``), call until 0."""
     # SQLite stores CURRENT_TIMESTAMP as UTC text; asyncpg wants a datetime for TIMESTAMP.
     bound: Any = before.strftime("%Y-%m-%d %H:%M:%S") if tx.dialect == "sqlite" else before
-    rows = await tx.all(
-        "UPDATE message_log SET payload = NULL WHERE created_at < :before AND payload IS NOT NULL"
-        " RETURNING id", {"before": bound})
-    return len(rows)
-
-
-async def prune_payloads_batch(tx: Tx, before: datetime, limit: int = 5000) -> int:
-    """``prune_payloads`` in slices of at most ``limit`` rows, so that one short transaction
-    at a time holds SQLite's write lock while the daemon keeps writing; call until it
-    returns 0."""
-    bound: Any = before.strftime("%Y-%m-%d %H:%M:%S") if tx.dialect == "sqlite" else before
-    rows = await tx.all(
-        "UPDATE message_log SET payload = NULL WHERE id IN (SELECT id FROM message_log"
-        " WHERE created_at < :before AND payload IS NOT NULL LIMIT :lim) RETURNING id",
-        {"before": bound, "lim": limit})
-    return len(rows)
+    return await update_slice(tx, "message_log", "id", "payload = NULL",
+                              "created_at < :before AND payload IS NOT NULL", {"before": bound}, limit)

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..core.model import Channel, Direction
 from . import messages
-from .db import Tx
+from .db import Tx, update_slice
 from .jsonio import dumps, loads
 
 # Delivery states only move forward (statuses arrive out of order and twice).
@@ -222,13 +222,12 @@ async def prune_content(tx: Tx, before_ms: int, limit: int = 5000) -> int:
     outbox (sent, or given up): their text and the names and amounts in it are personal data,
     needed only while the send may still be made, or made again another way. The rows stay
     (what was sent to whom and when, and their dedupe keys). A row still to send is never
-    touched, whatever its age. At most ``limit`` rows per call; call until it returns 0."""
-    rows = await tx.all(
-        "UPDATE outbox SET content = '{}' WHERE id IN (SELECT id FROM outbox"
-        " WHERE status IN ('SENT','DELIVERED','READ','FAILED','CANCELLED') AND CAST(content AS TEXT) <> '{}'"
-        " AND created_at_ms < :before LIMIT :lim) RETURNING id",
-        {"before": before_ms, "lim": limit})
-    return len(rows)
+    touched, whatever its age. At most ``limit`` rows per call (``db.update_slice``); call
+    until 0."""
+    return await update_slice(
+        tx, "outbox", "id", "content = '{}'",
+        "status IN ('SENT','DELIVERED','READ','FAILED','CANCELLED') AND CAST(content AS TEXT) <> '{}'"
+        " AND created_at_ms < :before", {"before": before_ms}, limit)
 
 
 async def for_invoice(tx: Tx, invoice_id: str) -> list[OutboxRow]:
