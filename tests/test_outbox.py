@@ -443,6 +443,26 @@ async def test_outside_the_window_an_interactive_invoice_is_sent_again_as_the_te
     assert providers.texts(MERCHANT) == [confirmation("1001", CUSTOMER)]
 
 
+async def test_a_131047_in_meta_answer_to_the_interactive_invoice_also_tries_the_template_first(
+        h: Handle, providers: Scripted) -> None:
+    # The same refusal, in the answer to the send rather than in a later status webhook
+    # (../shared/providers/whatsapp.md: 131026/131047 arrive either way). The row records
+    # its form only once a send is accepted, so the refused attempt's own form decides.
+    await h.say(CUSTOMER, "hello")
+    await settle(h)
+    providers.wa_script[CUSTOMER] = [wa_error("131047")]
+    await new_invoice(h)
+    template = await until(lambda: _first(providers, CUSTOMER, "template"), "the template")
+    await settle(h)
+    assert template.button_ids == ["pay_now:1001"]
+    assert [s for s in providers.sent if s.kind == "sms"] == []
+    refused = [r for r in await rows(h, "kind = 'invoice'") if r["status"] == "FAILED"]
+    assert len(refused) == 1 and refused[0]["last_error"].startswith("131047: ")
+    assert providers.texts(MERCHANT) == [confirmation("1001", CUSTOMER)]
+    (invoice,) = await q(h, "SELECT status FROM invoices")
+    assert invoice["status"] == "SENT"
+
+
 async def _first(providers: Scripted, to: str, kind: str) -> Any:
     found = [s for s in providers.to(to) if s.kind == kind]
     return found[0] if found else None

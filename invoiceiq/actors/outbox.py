@@ -107,8 +107,12 @@ class Outbox:
             after.queued += await self.tell_merchant(
                 tx, copy.sent_by_sms(invoice, reason), invoice.id, f"sms-notice:{invoice.id}")
 
-    async def failed(self, tx: Tx, row: OutboxRow, reason: str, code: str | None, after: _After) -> None:
-        """The message cannot go this way: the SMS fallback if there is one, else FAILED."""
+    async def failed(self, tx: Tx, row: OutboxRow, reason: str, code: str | None, after: _After,
+                     form: str | None = None) -> None:
+        """The message cannot go this way: the SMS fallback if there is one, else FAILED.
+
+        ``form``: what was attempted, when Meta refused it in its answer (the row records a
+        form only once a send is accepted; a failure from a status webhook finds it there)."""
         now = self.clock.now_ms()
         if not await outbox.mark_failed(tx, row.id, reason, now):
             return
@@ -125,7 +129,7 @@ class Outbox:
             log.info("resend_skipped_content_pruned", outbox_id=row.id, invoice_id=row.invoice_id)
         if (resendable and row.channel is Channel.WHATSAPP and code == "131047"
                 and row.kind in ("invoice", "reminder")
-                and row.sent_form == "interactive"):
+                and (form or row.sent_form) == "interactive"):
             # Outside the 24-hour window (our record of it was wrong): the approved template is
             # allowed there. Try it once before falling back to SMS.
             again = await outbox.enqueue(
@@ -293,7 +297,7 @@ class OutboxActor:
         try:
             provider_id = await self._call(row, rendered)
         except GatewayError as exc:
-            await self._on_error(row, exc)
+            await self._on_error(row, exc, rendered.form)
             return
         except ValueError as exc:
             # Our message broke a provider rule before it left: as permanent as it gets.
@@ -355,7 +359,7 @@ class OutboxActor:
         await outbox.mark_skipped(tx, row.id, reason, self.clock.now_ms())
         log.info("message_skipped", outbox_id=row.id, kind=row.kind, invoice_id=row.invoice_id, reason=reason)
 
-    async def _on_error(self, row: OutboxRow, exc: GatewayError) -> None:
+    async def _on_error(self, row: OutboxRow, exc: GatewayError, form: str) -> None:
         # Africa's Talking 405 (InsufficientBalance) is the account's problem, not the number's:
         # like broken credentials it pauses the channel and raises an alert.
         out_of_credit = exc.provider == "africastalking" and exc.code == "405"
@@ -387,7 +391,7 @@ class OutboxActor:
             self._due_at(now + decision.delay_ms)
         else:
             # FALLBACK and FAIL: ``failed`` queues the SMS when there is a way, else gives up.
-            await self.store.write(lambda tx: self.core.failed(tx, row, reason, exc.code, after))
+            await self.store.write(lambda tx: self.core.failed(tx, row, reason, exc.code, after, form))
             self.core.observe(after)
         self.waker.wake()
 
