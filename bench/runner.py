@@ -46,7 +46,7 @@ from .servers import Pinning, Proc, Processes
 RESULTS = Path(__file__).resolve().parent / "results"
 ALL_SCENARIOS = ("reference", "ingest_customer_text", "ingest_merchant_invoice", "end_to_end", "state_at_scale")
 PACKAGES = ("invoiceiq", "quart", "hypercorn", "werkzeug", "flask", "orjson", "anyio", "httpx", "h11",
-            "databases", "sqlalchemy", "aiosqlite", "prometheus-client", "py-spy")
+            "databases", "sqlalchemy", "aiosqlite", "prometheus-client", "uvloop", "py-spy")
 TARGETS = {"ingest_customer_ratio_min": 0.80, "ingest_p99_ms_max": 50.0}
 # wrk's default (2 s) drops slower answers from the latency figures (they become "timeouts");
 # with 10 s a slow daemon shows its real p99 instead of a capped one.
@@ -163,7 +163,8 @@ class Bench:
             code = proc.stop()
         return {"description": "bare Quart JSON-POST on hypercorn (bench/reference_app.py): reads the body, "
                                "orjson.loads it, returns a small JSON; no database (notes/stack.md case c); "
-                               "posted the same webhook bodies as the daemon",
+                               "posted the same webhook bodies as the daemon; on the daemon's event loop",
+                "event_loop": servers.reference_loop(),
                 "server_command": proc.describe(), "server_exit_code": code, "url": url,
                 "body_bytes_mean": bodies_mod.mean_body_bytes(files[self._labels()[-1]].path),
                 "warmup": warm, "runs": runs, "median": medians(runs)}
@@ -356,7 +357,9 @@ def _versions(generator: str) -> dict[str, Any]:
             packages[name] = None
     exe = wrk.find_wrk()
     return {"python": platform.python_version(), "implementation": platform.python_implementation(),
-            "packages": packages, "wrk": wrk.wrk_version(exe) if exe else None, "generator": generator}
+            "packages": packages, "wrk": wrk.wrk_version(exe) if exe else None, "generator": generator,
+            # The daemon's (server.event_loop "auto") and the reference's.
+            "event_loop": servers.reference_loop()}
 
 
 def _machine(pin: Pinning) -> dict[str, Any]:

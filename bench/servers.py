@@ -15,6 +15,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from invoiceiq.eventloop import backend_options
+
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 
@@ -208,11 +210,19 @@ def start_sink(procs: Processes, pin: Pinning, name: str = "sink", latency_ms: i
     return proc, port
 
 
+def reference_loop() -> str:
+    """The loop the daemon's "auto" picks (invoiceiq/eventloop.py), for the reference too."""
+    return "uvloop" if backend_options("auto")["use_uvloop"] else "asyncio"
+
+
 def start_reference(procs: Processes, pin: Pinning) -> tuple[Proc, int]:
     port = free_port()
     hypercorn = VENV_BIN / "hypercorn"
     exe = [str(hypercorn)] if hypercorn.exists() else [sys.executable, "-m", "hypercorn"]
-    cmd = pin.wrap([*exe, "-w", "1", "-b", f"127.0.0.1:{port}", "bench.reference_app:app"], "server")
+    # On the daemon's event loop (server.event_loop "auto": uvloop where installed), so that the
+    # ratio compares the same stack with and without InvoiceIQ's work.
+    loop = ["-k", "uvloop"] if reference_loop() == "uvloop" else []
+    cmd = pin.wrap([*exe, "-w", "1", *loop, "-b", f"127.0.0.1:{port}", "bench.reference_app:app"], "server")
     env = clean_env()
     env["PYTHONPATH"] = str(REPO)
     proc = procs.start("reference", cmd, env=env, cwd=REPO)

@@ -33,11 +33,17 @@ def _settings(args: argparse.Namespace) -> Settings:
 def _serve(settings: Settings) -> int:
     from . import gc_policy
     from .daemon import BindError, Daemon
+    from .eventloop import LoopUnavailable, backend_options
     from .store import StoreError
 
+    try:
+        options = backend_options(settings.server.event_loop)
+    except LoopUnavailable as exc:
+        print(f"invoiceiq: {exc}", file=sys.stderr)
+        return 2
     gc_policy.tune()
     try:
-        anyio.run(Daemon(settings, tune_gc=True).run)
+        anyio.run(Daemon(settings, tune_gc=True).run, backend_options=options)
     except BindError as exc:
         print(f"invoiceiq: {exc}", file=sys.stderr)
         return 2

@@ -94,6 +94,10 @@ class ServerSettings:
     shutdown_grace_s: int = 10
     max_body_bytes: int = 65536
     trusted_proxies: tuple[str, ...] = ()
+    # The event loop under anyio: "auto" takes uvloop where it is installed (a dependency on
+    # Linux), else asyncio's own. uvloop's C loop costs less per callback, timer and socket
+    # event: 38-39 ms against 44-47 ms of the daemon's CPU per end-to-end flow (bench/README).
+    event_loop: str = "auto"
 
     @property
     def host(self) -> str:
@@ -685,6 +689,7 @@ _VALIDATORS: Final[Mapping[str, _Validator]] = {
     "server.shutdown_grace_s": _at_least(0),
     "server.max_body_bytes": _at_least(1),
     "server.trusted_proxies": _check_networks,
+    "server.event_loop": _one_of("auto", "asyncio", "uvloop"),
     "database.url": _check_database_url,
     "merchant.msisdn": _msisdn(optional=True),
     "merchant.name": _not_empty,

@@ -38,6 +38,7 @@ from .actors.session import SessionActor
 from .clock import Clock, SystemClock
 from . import gc_policy
 from .config import Settings
+from .eventloop import running_loop_name
 from .gateways.mpesa import DarajaClient
 from .gateways.sms import AfricasTalkingClient
 from .gateways.whatsapp import WhatsAppClient
@@ -205,6 +206,7 @@ class Daemon:
         settings = self.settings
         log.info("starting", mode=settings.mode, database=self.store.dialect,
                  bind=settings.server.bind, port=self.bound_port, version=_version(),
+                 event_loop=running_loop_name(),
                  note="SANDBOX: simulated providers, no real money moves" if settings.mode == "sandbox" else None)
         await self.store.open()
         try:

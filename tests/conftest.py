@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -19,8 +20,13 @@ META_OPENAPI = PROVIDERS / "meta-openapi"
 
 
 @pytest.fixture
-def anyio_backend() -> str:
+def anyio_backend() -> object:
     # databases and SQLAlchemy's asyncio layer are asyncio-only (notes/stack.md, gotcha 2).
+    # The served daemon runs on uvloop (server.event_loop "auto"), and the tests that start
+    # `invoiceiq serve` run it so; INVOICEIQ_TEST_EVENT_LOOP=uvloop runs the in-process tests
+    # on it too (a whole-suite check, not needed per run).
+    if os.environ.get("INVOICEIQ_TEST_EVENT_LOOP", "asyncio") == "uvloop":
+        return ("asyncio", {"use_uvloop": True})
     return "asyncio"
 
 

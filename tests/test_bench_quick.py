@@ -43,6 +43,9 @@ def test_quick_bench_runs_and_writes_the_json() -> None:
     assert report["versions"]["packages"]["quart"] and report["versions"]["packages"]["hypercorn"]
     assert report["versions"]["generator"] in ("wrk", "python")
     assert report["settings"]["generator"] == report["versions"]["generator"]
+    # The reference runs on the daemon's event loop (uvloop here: a dependency on Linux).
+    assert report["versions"]["event_loop"] == report["scenarios"]["reference"]["event_loop"] == "uvloop"
+    assert "-k uvloop" in report["scenarios"]["reference"]["server_command"]
 
     for name in ("reference", *INGEST):
         scenario = report["scenarios"][name]

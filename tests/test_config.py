@@ -91,6 +91,7 @@ def test_defaults_without_file_or_env() -> None:
     assert s.server.shutdown_grace_s == 10
     assert s.server.max_body_bytes == 65536
     assert s.server.trusted_proxies == ()
+    assert s.server.event_loop == "auto"
     assert s.database.url == "sqlite:///./data.db"
     assert s.is_sqlite and s.sqlite_path == Path("data.db")
     assert (s.merchant.msisdn, s.merchant.name) == ("", "My Business")
@@ -135,6 +136,7 @@ public_url = "HTTPS://invoices.example.co.ke/iq/"
 shutdown_grace_s = 0
 max_body_bytes = 1024
 trusted_proxies = [" 127.0.0.1 ", "10.0.0.0/8", "::1"]
+event_loop = "asyncio"
 [database]
 url = "postgres://iq@db.internal:5432/iq"
 [merchant]
@@ -177,6 +179,7 @@ customer_msisdn = "0110123456"
     assert s.public_base_url == "https://invoices.example.co.ke/iq"
     assert s.server.shutdown_grace_s == 0
     assert s.server.trusted_proxies == ("127.0.0.1", "10.0.0.0/8", "::1")
+    assert s.server.event_loop == "asyncio"
     assert s.server.trusted_proxy_networks[1] == ipaddress.ip_network("10.0.0.0/8")
     assert s.database.url == "postgresql://iq@db.internal:5432/iq"
     assert not s.is_sqlite and s.sqlite_path is None
@@ -422,6 +425,7 @@ FILE_CASES = [
         "config: whatsapp.template_language: must be a language code such as en or en_US",
     ),
     ('[sms]\nprovider = "twilio"', 'config: sms.provider: must be "africastalking"'),
+    ('[server]\nevent_loop = "trio"', 'config: server.event_loop: must be "auto", "asyncio" or "uvloop"'),
     ('[sms]\nusername = "my app"', "config: sms.username: must not contain whitespace"),
     (
         '[sms]\nsender_id = "MamaMbogaLtd"',

@@ -73,6 +73,9 @@ def test_serve_answers_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     assert events.index("starting") < events.index("ready") < events.index("signal_received") < events.index("stopped")
     assert all({"time", "level", "event"} <= set(line) for line in lines)
     assert (tmp_path / "d.db").exists()
+    # server.event_loop "auto": uvloop, a dependency on this platform (tests/test_eventloop.py).
+    starting = next(line for line in lines if line["event"] == "starting")
+    assert starting["event_loop"] == "uvloop"
     # The served process runs the collector policy of gc_policy: start-up frozen, fewer
     # young collections (a daemon inside a test process leaves its collector alone).
     from invoiceiq import gc_policy
