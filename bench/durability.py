@@ -85,6 +85,15 @@ def message_metrics(text: str) -> dict[str, float]:
     return out
 
 
+def writer_counts(text: str) -> dict[str, float]:
+    """The SQLite writer's committed groups and jobs from the daemon's /metrics."""
+    out = {}
+    for name in ("groups", "jobs"):
+        found = re.search(rf"^invoiceiq_db_write_{name}_total (\S+)$", text, re.M)
+        out[name] = float(found.group(1)) if found else 0.0
+    return out
+
+
 def verdict(*, ok_2xx: int, non_2xx: int, sent: int, repeated: int, timeouts: int, stored: dict[str, Any],
             metrics: dict[str, float], invocations: int, connections: int) -> dict[str, Any]:
     rows = stored["inbox_whatsapp_rows"]

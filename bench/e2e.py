@@ -134,6 +134,7 @@ def daemon_env(database_url: str, port: int, sim_base: str, **extra: str) -> dic
         "INVOICEIQ_MPESA_API_BASE": f"{sim_base}/daraja",
         # The merchant sends one command per flow, hundreds a minute.
         "INVOICEIQ_CHAT_MERCHANT_RATE_PER_MIN": "1000000",
+        **servers.loop_env(),
     }
     env.update(extra)
     return env

@@ -39,6 +39,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from invoiceiq.eventloop import LoopUnavailable
+
 from . import bodies as bodies_mod
 from . import durability, scenarios, servers, wrk
 from .servers import Pinning, Proc, Processes
@@ -116,6 +118,11 @@ class Load:
         if extra is not None:
             record.update(extra() if callable(extra) else extra)
         return record
+
+
+def _writer_delta(start: dict[str, float], end: dict[str, float]) -> dict[str, Any]:
+    groups, jobs = end["groups"] - start["groups"], end["jobs"] - start["jobs"]
+    return {"groups": int(groups), "jobs": int(jobs), "jobs_per_group": round(jobs / groups, 1) if groups else None}
 
 
 def _median(runs: list[dict[str, Any]], key: str) -> float | None:
@@ -236,9 +243,11 @@ class Bench:
                                                     **sc.daemon_env)
             base = f"http://127.0.0.1:{port}"
             rss_start = servers.rss_kb(daemon.worker_pid())
+            writer_start = durability.writer_counts(servers.get_text(f"{base}/metrics"))
             warm, runs = self._series(f"{base}/whatsapp/webhook", files, daemon.worker_pid(), profile=True,
                                       profile_name=sc.name)
             rss_runs = servers.rss_kb(daemon.worker_pid())
+            writer_end = durability.writer_counts(servers.get_text(f"{base}/metrics"))
             settled = durability.settle(db, timeout_s=self.args.settle_timeout)
             metrics_text = servers.get_text(f"{base}/metrics")
             sink_stats = json.loads(servers.get_text(f"http://127.0.0.1:{sink_port}/_stats"))
@@ -262,7 +271,9 @@ class Bench:
                 "bodies_per_invocation": {k: v.count for k, v in files.items()},
                 "warmup": warm, "runs": runs, "median": medians(runs),
                 "durability": check, "settle": settled, "database": stored, "sink": sink_stats, "flow_checks": flow,
-                "daemon_rss_kb": {"after_start": rss_start, "after_runs": rss_runs, "after_settle": rss_end}}
+                "daemon_rss_kb": {"after_start": rss_start, "after_runs": rss_runs, "after_settle": rss_end},
+                # Group commit at work during the warm-up and the runs: jobs per fsync.
+                "writer_during_runs": _writer_delta(writer_start, writer_end)}
 
     @staticmethod
     def _flow_checks(sc: scenarios.IngestScenario, stored: dict[str, Any], sink: dict[str, Any],
@@ -530,6 +541,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile-dir", help="record the daemon with py-spy during one measured run per scenario")
     p.add_argument("--profile-format", choices=("raw", "flamegraph", "speedscope"), default="raw")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (bodies, databases, logs)")
+    p.add_argument("--event-loop", choices=("auto", "asyncio", "uvloop"), default="auto",
+                   help="the daemon's server.event_loop; the reference runs on the same loop")
     a = p.parse_args(argv)
     full = {"duration": 10.0, "warmup": 3.0, "runs": 3, "connections": 64, "settle_timeout": 180.0,
             "e2e_flows": 1000, "e2e_concurrency": 64, "e2e_single": 6, "e2e_budget": 900.0,
@@ -542,6 +555,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(a, key, value)
     if a.output is None:
         a.output = str(RESULTS / ("quick.json" if a.quick else "latest.json"))
+    try:
+        servers.set_event_loop(a.event_loop)
+    except LoopUnavailable as exc:
+        p.error(str(exc))
     if a.generator == "auto":
         a.generator = "wrk" if wrk.find_wrk() else "python"
     elif a.generator == "wrk" and not wrk.find_wrk():

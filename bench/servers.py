@@ -210,9 +210,23 @@ def start_sink(procs: Processes, pin: Pinning, name: str = "sink", latency_ms: i
     return proc, port
 
 
+_event_loop = "auto"  # --event-loop: the daemon's server.event_loop, and the reference's loop
+
+
+def set_event_loop(choice: str) -> None:
+    global _event_loop
+    backend_options(choice)  # "uvloop" without uvloop: refuse before anything starts
+    _event_loop = choice
+
+
 def reference_loop() -> str:
-    """The loop the daemon's "auto" picks (invoiceiq/eventloop.py), for the reference too."""
-    return "uvloop" if backend_options("auto")["use_uvloop"] else "asyncio"
+    """The loop the daemon runs on (invoiceiq/eventloop.py), for the reference too."""
+    return "uvloop" if backend_options(_event_loop)["use_uvloop"] else "asyncio"
+
+
+def loop_env() -> dict[str, str]:
+    """The daemon's environment for it."""
+    return {"INVOICEIQ_SERVER_EVENT_LOOP": reference_loop()}
 
 
 def start_reference(procs: Processes, pin: Pinning) -> tuple[Proc, int]:
@@ -256,6 +270,7 @@ def daemon_env(database_url: str, port: int, sink_port: int, **extra: str) -> di
         "MPESA_PASSKEY": "bfb279f9aa9bdbcf158e97dd71a467cd2e0c893059b10f78e6b72ada1ed2c919",
         # Nothing in the ingest scenarios calls Daraja; keep it local all the same.
         "INVOICEIQ_MPESA_API_BASE": f"{sink}/daraja",
+        **loop_env(),
     }
     env.update(extra)
     return env

@@ -66,6 +66,9 @@ def test_quick_bench_runs_and_writes_the_json() -> None:
         assert check["ok"], check["problems"]
         assert check["stored_inbox_rows"] >= check["accepted_2xx"] > 0
         assert check["repeated_bodies"] == 0
+        # Group commit during the runs: at least one job per fsync, counted from /metrics.
+        writer = report["scenarios"][name]["writer_during_runs"]
+        assert writer["jobs"] >= writer["groups"] > 0 and writer["jobs_per_group"] >= 1
 
     # End to end: every flow completed, and the counts at the simulators and in the database agree.
     e2e = report["scenarios"]["end_to_end"]

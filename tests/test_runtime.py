@@ -337,3 +337,65 @@ async def test_pressure_measures_a_loop_kept_late_by_requests_and_stops_when_the
         stop.set()
     await eventually(lambda: pressure._probe_due is None)
     assert not pressure.busy and pressure.in_flight == 0
+
+
+def _burn(seconds: float) -> None:
+    """Hold this thread on the CPU (time.sleep would leave it idle)."""
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+async def test_pressure_sees_a_saturated_loop_that_is_never_late() -> None:
+    """uvloop runs its timers between small batches of callbacks, so a loop saturated by
+    requests can look late by only a millisecond or two: the door must see it by the loop's
+    CPU share too. Requests that each hold the CPU for 1 ms, with the lag threshold out of
+    reach, make the door busy; as many requests that wait instead leave it calm."""
+
+    async def run(app: Callable[[], Awaitable[None]], check: Callable[[Pressure], bool]) -> Pressure:
+        pressure = Pressure(min_rate=20, max_lag_s=10.0, max_cpu_share=0.5)
+
+        async def asgi(scope: dict, receive: object, send: object) -> None:  # type: ignore[type-arg]
+            await app()
+
+        wrapped = pressure.wrap(asgi)
+        stop = anyio.Event()
+
+        async def client() -> None:
+            while not stop.is_set():
+                await wrapped({"type": "http"}, None, None)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(8):
+                tg.start_soon(client)
+            await eventually(lambda: check(pressure))
+            stop.set()
+        return pressure
+
+    async def on_the_cpu() -> None:
+        _burn(0.001)
+        await anyio.lowlevel.checkpoint()
+
+    async def waiting() -> None:
+        await anyio.sleep(0.005)
+
+    seen: list[tuple[float, float]] = []
+
+    def busy(p: Pressure) -> bool:
+        if p.busy:
+            seen.append((p.cpu_share, p.lag_s))  # as the door saw it (the probe goes on after)
+        return p.busy
+
+    await run(on_the_cpu, busy)
+    ((share, lag),) = seen[:1]
+    assert share > 0.5 and lag < 10.0
+
+    probes: list[bool] = []
+
+    def calm_for_a_while(p: Pressure) -> bool:
+        if p.rate > p.min_rate:
+            probes.append(p.busy)
+        return len(probes) >= 50
+
+    waited = await run(waiting, calm_for_a_while)
+    assert not any(probes) and waited.rate > waited.min_rate and waited.cpu_share < 0.5
