@@ -267,7 +267,7 @@ class Daemon:
         self.dispatch.wakers["outbox"] = outbox.waker
         tracker = DeliveryTracker(core, outbox.waker.wake)
         session = SessionActor(store=self.store, settings=s, clock=self.clock, metrics=self.metrics,
-                               dispatch=self.dispatch)
+                               dispatch=self.dispatch, pressure=self.pressure)
         for name, handler in (("session", session.handle), ("delivery", tracker.handle)):
             registry: Registry[Any] = Registry(name, handler, idle_s=self._idle_s, metrics=self.metrics,
                                                pressure=self.pressure)

@@ -34,6 +34,7 @@ from harness import (
     make_settings,
     running_daemon,
     status_event,
+    until,
 )
 from invoiceiq.clock import ManualClock
 from invoiceiq.store import Store, Tx, conversations, inbox
@@ -1033,3 +1034,44 @@ async def test_a_merchants_backlog_is_worked_off_in_slices_taking_turns_with_cus
     processed = await h.store.read(lambda tx: tx.val(
         "SELECT COUNT(*) FROM inbox WHERE event_id LIKE 'wamid.backlog.%' AND processed_at_ms IS NOT NULL"))
     assert processed == waiting
+
+
+async def test_while_webhooks_flood_the_door_a_backlog_moves_one_event_per_turn(h: Handle, clock: ManualClock) -> None:
+    """The same backlog while the front door is busy (runtime.Pressure): each admitted turn
+    applies one event, so what session work takes from the webhooks stays bounded however
+    many events wait per conversation (with slices of 16 it grew with the backlog)."""
+    registry = h.daemon.dispatch.registries["session"]
+    pressure = h.daemon.pressure
+    handled: list[str] = []
+    inner = registry._handler
+
+    async def recording(key: str, message: Any) -> None:
+        handled.append("merchant" if key == MERCHANT else "customer")
+        await inner(key, message)
+
+    registry._handler = recording
+    waiting = 12
+
+    async def backlog(tx: Tx) -> None:
+        now = clock.now_ms()
+        for i in range(waiting):
+            await inbox.put(tx, source="whatsapp", event_id=f"wamid.flood.{i}", actor="session",
+                            actor_key=MERCHANT, kind="text", now_ms=now,
+                            payload={"from": MERCHANT, "kind": "text", "text": "help", "timestamp_s": now // 1000})
+
+    await h.store.write(backlog)
+    # Busy as the probe would find it during a flood (no request arrives here to re-probe).
+    pressure.rate, pressure.cpu_share = pressure.min_rate * 10, 1.0
+    assert pressure.busy
+    h.daemon.dispatch.kick("session", MERCHANT)
+
+    async def all_processed() -> bool:
+        return await h.store.read(lambda tx: tx.val(
+            "SELECT COUNT(*) FROM inbox WHERE event_id LIKE 'wamid.flood.%' AND processed_at_ms IS NOT NULL")) == waiting
+
+    await until(all_processed, "the backlog to be worked off through the door")
+    # One event per turn, each admitted on its own (the last full turn asks for one more,
+    # which finds nothing); in slices of 16 it would have been one turn.
+    assert set(handled) == {"merchant"} and waiting <= len(handled) <= waiting + 1
+    assert pressure.deferred >= waiting - 1
+    pressure.rate = pressure.cpu_share = 0.0
