@@ -998,12 +998,8 @@ async def test_restart_while_picking_a_customer_or_editing_the_review(database_u
     assert not any(schema_problems(fake) for fake in fakes)
 
 
-async def test_a_merchants_backlog_is_worked_off_in_slices_taking_turns_with_customers(h: Handle, clock: ManualClock) -> None:
-    """A campaign leaves hundreds of merchant messages waiting. The session actor applies one
-    slice of them per turn and goes to the back of the line (the front door's admission and
-    the other conversations come in between), instead of holding the loop until the last."""
-    from invoiceiq.actors.session import BATCH
-
+def _record_session_turns(h: Handle) -> list[str]:
+    """Whose conversation each session turn was for, in order ("merchant" or "customer")."""
     registry = h.daemon.dispatch.registries["session"]
     handled: list[str] = []
     inner = registry._handler
@@ -1013,14 +1009,29 @@ async def test_a_merchants_backlog_is_worked_off_in_slices_taking_turns_with_cus
         await inner(key, message)
 
     registry._handler = recording
+    return handled
+
+
+async def _merchant_backlog(tx: Tx, prefix: str, count: int, now: int) -> None:
+    """``count`` stored merchant messages ("help") waiting for the session actor."""
+    for i in range(count):
+        await inbox.put(tx, source="whatsapp", event_id=f"{prefix}.{i}", actor="session",
+                        actor_key=MERCHANT, kind="text", now_ms=now,
+                        payload={"from": MERCHANT, "kind": "text", "text": "help", "timestamp_s": now // 1000})
+
+
+async def test_a_merchants_backlog_is_worked_off_in_slices_taking_turns_with_customers(h: Handle, clock: ManualClock) -> None:
+    """A campaign leaves hundreds of merchant messages waiting. The session actor applies one
+    slice of them per turn and goes to the back of the line (the front door's admission and
+    the other conversations come in between), instead of holding the loop until the last."""
+    from invoiceiq.actors.session import BATCH
+
+    handled = _record_session_turns(h)
     waiting = 2 * BATCH + 5
 
     async def backlog(tx: Tx) -> None:
         now = clock.now_ms()
-        for i in range(waiting):
-            await inbox.put(tx, source="whatsapp", event_id=f"wamid.backlog.{i}", actor="session",
-                            actor_key=MERCHANT, kind="text", now_ms=now,
-                            payload={"from": MERCHANT, "kind": "text", "text": "help", "timestamp_s": now // 1000})
+        await _merchant_backlog(tx, "wamid.backlog", waiting, now)
         await inbox.put(tx, source="whatsapp", event_id="wamid.customer.1", actor="session",
                         actor_key=CUSTOMER, kind="text", now_ms=now,
                         payload={"from": CUSTOMER, "kind": "text", "text": "hello", "timestamp_s": now // 1000})
@@ -1040,26 +1051,10 @@ async def test_while_webhooks_flood_the_door_a_backlog_moves_one_event_per_turn(
     """The same backlog while the front door is busy (runtime.Pressure): each admitted turn
     applies one event, so what session work takes from the webhooks stays bounded however
     many events wait per conversation (with slices of 16 it grew with the backlog)."""
-    registry = h.daemon.dispatch.registries["session"]
     pressure = h.daemon.pressure
-    handled: list[str] = []
-    inner = registry._handler
-
-    async def recording(key: str, message: Any) -> None:
-        handled.append("merchant" if key == MERCHANT else "customer")
-        await inner(key, message)
-
-    registry._handler = recording
+    handled = _record_session_turns(h)
     waiting = 12
-
-    async def backlog(tx: Tx) -> None:
-        now = clock.now_ms()
-        for i in range(waiting):
-            await inbox.put(tx, source="whatsapp", event_id=f"wamid.flood.{i}", actor="session",
-                            actor_key=MERCHANT, kind="text", now_ms=now,
-                            payload={"from": MERCHANT, "kind": "text", "text": "help", "timestamp_s": now // 1000})
-
-    await h.store.write(backlog)
+    await h.store.write(lambda tx: _merchant_backlog(tx, "wamid.flood", waiting, clock.now_ms()))
     # Busy as the probe would find it during a flood (no request arrives here to re-probe).
     pressure.rate, pressure.cpu_share = pressure.min_rate * 10, 1.0
     assert pressure.busy

@@ -318,9 +318,31 @@ async def test_pressure_measures_a_loop_kept_late_by_requests_and_stops_when_the
     late and the door busy; once they stop, the probe stops and the door is calm."""
     pressure = Pressure(min_rate=20)
 
-    async def app(scope: dict, receive: object, send: object) -> None:  # type: ignore[type-arg]
-        time.sleep(0.01)  # CPU work the loop cannot interleave, as a burst of webhooks
+    async def request() -> None:
+        time.sleep(0.01)  # work the loop cannot interleave, as a burst of webhooks
         await anyio.lowlevel.checkpoint()
+
+    seen: list[tuple[float, float]] = []
+
+    def busy(p: Pressure) -> bool:
+        if p.busy:
+            seen.append((p.rate, p.lag_s))  # as the door saw it (the probe goes on after)
+        return p.busy
+
+    await _flood(pressure, request, busy)
+    ((rate, lag),) = seen[:1]
+    assert rate > pressure.min_rate and lag > pressure.max_lag_s
+    await eventually(lambda: pressure._probe_due is None)
+    assert not pressure.busy and pressure.in_flight == 0
+
+
+async def _flood(pressure: Pressure, request: Callable[[], Awaitable[None]],
+                 until: Callable[[Pressure], bool]) -> None:
+    """Eight clients sending ``request`` through the door's ASGI middleware, back to back,
+    until ``until(pressure)`` holds."""
+
+    async def app(scope: dict, receive: object, send: object) -> None:  # type: ignore[type-arg]
+        await request()
 
     wrapped = pressure.wrap(app)
     stop = anyio.Event()
@@ -332,11 +354,8 @@ async def test_pressure_measures_a_loop_kept_late_by_requests_and_stops_when_the
     async with anyio.create_task_group() as tg:
         for _ in range(8):
             tg.start_soon(client)
-        await eventually(lambda: pressure.busy)
-        assert pressure.rate > pressure.min_rate and pressure.lag_s > pressure.max_lag_s
+        await eventually(lambda: until(pressure))
         stop.set()
-    await eventually(lambda: pressure._probe_due is None)
-    assert not pressure.busy and pressure.in_flight == 0
 
 
 def _burn(seconds: float) -> None:
@@ -352,24 +371,9 @@ async def test_pressure_sees_a_saturated_loop_that_is_never_late() -> None:
     CPU share too. Requests that each hold the CPU for 1 ms, with the lag threshold out of
     reach, make the door busy; as many requests that wait instead leave it calm."""
 
-    async def run(app: Callable[[], Awaitable[None]], check: Callable[[Pressure], bool]) -> Pressure:
+    async def run(request: Callable[[], Awaitable[None]], check: Callable[[Pressure], bool]) -> Pressure:
         pressure = Pressure(min_rate=20, max_lag_s=10.0, max_cpu_share=0.5)
-
-        async def asgi(scope: dict, receive: object, send: object) -> None:  # type: ignore[type-arg]
-            await app()
-
-        wrapped = pressure.wrap(asgi)
-        stop = anyio.Event()
-
-        async def client() -> None:
-            while not stop.is_set():
-                await wrapped({"type": "http"}, None, None)
-
-        async with anyio.create_task_group() as tg:
-            for _ in range(8):
-                tg.start_soon(client)
-            await eventually(lambda: check(pressure))
-            stop.set()
+        await _flood(pressure, request, check)
         return pressure
 
     async def on_the_cpu() -> None:
