@@ -60,6 +60,7 @@ from harness import (
     base_env,
     inbound_button,
     inbound_text,
+    meta_schema_problems,
     sign,
     status_event,
     stk_callback,
@@ -486,9 +487,13 @@ async def live(cluster: Cluster, db: Db) -> AsyncIterator[Cluster]:
             await anyio.to_thread.run_sync(cluster.wait_ready, cluster.start(name))
     cluster.tolerated = set()
     marks = {name: len(i.events()) for name, i in cluster.instances.items()}
+    sends_mark = cluster.fake.mark()
     yield cluster
     await settle(cluster, db)
     await assert_every_send_recorded_once(cluster, db)
+    # Every Graph API body the instances sent, held to Meta's own schema (as the in-process tests do).
+    rejected = [p for s in cluster.fake.since(sends_mark) if s.kind != "sms" for p in meta_schema_problems(s.body)]
+    assert not rejected, "request bodies Meta's schema rejects:\n" + "\n".join(rejected[:20])
     problems = []
     for name, instance in cluster.instances.items():
         for event in instance.events()[marks.get(name, 0):]:
