@@ -693,6 +693,26 @@ async def test_pay_during_an_attempt_gets_check_your_phone_and_no_new_push(h: Ha
     assert len(h.providers.daraja.pushes) == 1
 
 
+async def test_each_pay_request_is_in_the_invoices_history_with_its_verdict(h: Handle, clock: ManualClock) -> None:
+    """Disputes ("I tapped Pay and nothing came"): every request, answered or not, is a row of
+    the invoice's message log with what was decided; the inbound message itself is logged at
+    the door, before anyone knows its invoice."""
+    await new_invoice(h)
+    await pay_started(h)
+    await advance(h, clock, 20_000)
+    assert [s.text for s in await tap_pay(h)] == [already_sent()]
+
+    async def requests(tx: Tx) -> list[dict[str, Any]]:
+        return await tx.all("SELECT channel, direction, payload FROM message_log"
+                            " WHERE invoice_id = '1001' AND event = 'pay_requested' ORDER BY created_at, id")
+
+    rows = await h.store.read(requests)
+    assert [(r["channel"], r["direction"]) for r in rows] == [("WHATSAPP", "IN")] * 2
+    payloads = [r["payload"] if isinstance(r["payload"], dict) else json.loads(r["payload"]) for r in rows]
+    assert payloads == [{"via": "whatsapp", "verdict": "start"}, {"via": "whatsapp", "verdict": "in_flight"}]
+    assert all(CUSTOMER not in json.dumps(p) for p in payloads)
+
+
 async def test_per_phone_limits_one_minute_apart_and_three_in_ten_minutes(h: Handle, clock: ManualClock) -> None:
     await new_invoice(h)
     for n in range(3):  # prompts at 0 s, 61 s and 122 s, each cancelled by the customer

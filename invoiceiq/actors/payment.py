@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 from ..clock import Clock
 from ..core import copy, delivery, settlement
-from ..core.model import Channel, Invoice, InvoiceStatus, PaymentStatus, cents_to_kes
+from ..core.model import Channel, Direction, Invoice, InvoiceStatus, PaymentStatus, cents_to_kes
 from ..gateways.http import AuthError, GatewayError, TransientError
 from ..observability import Metrics, get_logger
-from ..store import Conflict, Store, StoreError, Tx, inbox, invoices, outbox, payments
+from ..store import Conflict, Store, StoreError, Tx, inbox, invoices, messages, outbox, payments
 from ..store.payments import Attempt
 from . import effects
 
@@ -152,6 +152,13 @@ class PaymentActor:
         phone = invoice.msisdn  # the prompt always goes to the invoice's own customer
         verdict = await effects.push_verdict(tx, invoice, self.limits, now)
         log.info("pay_requested", invoice_id=invoice.id, via=via, verdict=verdict.value)
+        if via in ("whatsapp", "sms"):
+            # The customer's request, in the invoice's own history beside the messages it
+            # caused (the inbound row was logged at the door, before anyone knew the invoice):
+            # "I tapped Pay five times and nothing came" can be looked up, with each verdict.
+            await messages.log_message(
+                tx, channel=Channel.SMS if via == "sms" else Channel.WHATSAPP, direction=Direction.IN,
+                event="pay_requested", invoice_id=invoice.id, payload={"via": via, "verdict": verdict.value})
         if verdict is settlement.PayVerdict.START:
             if self.daraja is None:
                 log.error("payment_not_configured", invoice_id=invoice.id,
