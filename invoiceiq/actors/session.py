@@ -47,11 +47,11 @@ from ..observability import Metrics, get_logger
 from ..store import Conflict, Store, StoreError, Tx, conversations, customers, inbox, invoices, outbox, payments
 from ..store.inbox import InboxEvent
 from . import effects
-from .runtime import Pressure
 
 if TYPE_CHECKING:
     from ..config import Settings
     from ..daemon import Dispatcher
+    from .runtime import Pressure
 
 log = get_logger(__name__)
 ACTOR = "session"
