@@ -706,10 +706,17 @@ async def test_each_pay_request_is_in_the_invoices_history_with_its_verdict(h: H
         return await tx.all("SELECT channel, direction, payload FROM message_log"
                             " WHERE invoice_id = '1001' AND event = 'pay_requested' ORDER BY created_at, id")
 
+    async def taps(tx: Tx) -> list[str]:
+        return [r["event_id"] for r in await tx.all(
+            "SELECT event_id FROM inbox WHERE source = 'whatsapp' AND actor_key = :c AND kind = 'button_reply'"
+            " ORDER BY seq", {"c": CUSTOMER})]
+
     rows = await h.store.read(requests)
     assert [(r["channel"], r["direction"]) for r in rows] == [("WHATSAPP", "IN")] * 2
     payloads = [r["payload"] if isinstance(r["payload"], dict) else json.loads(r["payload"]) for r in rows]
-    assert payloads == [{"via": "whatsapp", "verdict": "start"}, {"via": "whatsapp", "verdict": "in_flight"}]
+    first, second = await h.store.read(taps)  # each request names the tap that made it
+    assert payloads == [{"via": "whatsapp", "verdict": "start", "wamid": first},
+                        {"via": "whatsapp", "verdict": "in_flight", "wamid": second}]
     assert all(CUSTOMER not in json.dumps(p) for p in payloads)
 
 

@@ -154,11 +154,15 @@ class PaymentActor:
         log.info("pay_requested", invoice_id=invoice.id, via=via, verdict=verdict.value)
         if via in ("whatsapp", "sms"):
             # The customer's request, in the invoice's own history beside the messages it
-            # caused (the inbound row was logged at the door, before anyone knew the invoice):
-            # "I tapped Pay five times and nothing came" can be looked up, with each verdict.
+            # caused (the inbound row was logged at the door, before anyone knew the invoice),
+            # with the id of the message that asked: "I tapped Pay five times and nothing
+            # came" can be looked up, with each verdict.
+            sms = via == "sms"
             await messages.log_message(
-                tx, channel=Channel.SMS if via == "sms" else Channel.WHATSAPP, direction=Direction.IN,
-                event="pay_requested", invoice_id=invoice.id, payload={"via": via, "verdict": verdict.value})
+                tx, channel=Channel.SMS if sms else Channel.WHATSAPP, direction=Direction.IN,
+                event="pay_requested", invoice_id=invoice.id,
+                payload={"via": via, "verdict": verdict.value,
+                         "sms_id" if sms else "wamid": payload.get("message_id")})
         if verdict is settlement.PayVerdict.START:
             if self.daraja is None:
                 log.error("payment_not_configured", invoice_id=invoice.id,

@@ -350,7 +350,8 @@ class SessionActor:
             return
         await inbox.put(tx, source="internal", event_id=f"pay:{event_id}", actor="payment",
                         actor_key=invoice.id, kind="pay_request",
-                        payload={"phone": msisdn, "via": "sms" if sms else "whatsapp"}, now_ms=now)
+                        payload={"phone": msisdn, "via": "sms" if sms else "whatsapp", "message_id": event_id},
+                        now_ms=now)
         after.payments.append(invoice.id)
 
     async def _reply(self, tx: Tx, to: str, reply: copy.Reply, now: int, after: _AfterCommit,
