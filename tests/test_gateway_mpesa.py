@@ -366,6 +366,9 @@ async def test_stk_push_error_samples(daraja: respx.MockRouter, client: DarajaCl
     assert err.reason == sample["body"]["errorMessage"]
     assert daraja["push"].call_count == (2 if name.startswith("404.001.03") else 1)
     assert PASSKEY not in str(err) and PASSKEY not in repr(err)
+    # The body as sent rides along for the record, without the password.
+    sent = err.request_for_log
+    assert sent is not None and "Password" not in sent and sent["Amount"] == 1500
 
 
 @pytest.mark.parametrize(
@@ -414,6 +417,8 @@ async def test_stk_push_transport_errors(
         await push(client)
     # A read timeout may have put a prompt on the phone already: the caller queries first.
     assert info.value.maybe_processed is maybe_processed
+    sent = info.value.request_for_log
+    assert sent is not None and "Password" not in sent and sent["AccountReference"] == "INV20260042"
 
 
 # --- STK query ------------------------------------------------------------------------

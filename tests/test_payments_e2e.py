@@ -288,6 +288,14 @@ async def attempts(h: Handle, invoice_id: str = "1001") -> list[dict[str, Any]]:
                          " WHERE p.invoice_id = :i ORDER BY a.requested_at_ms", {"i": invoice_id})
 
 
+async def raw_requests(h: Handle, invoice_id: str = "1001") -> list[dict[str, Any]]:
+    """The STK Push bodies on record for the invoice's attempts, oldest first."""
+    found = await rows(h, "SELECT raw_request FROM payments WHERE invoice_id = :i ORDER BY created_at, id",
+                       {"i": invoice_id})
+    return [r["raw_request"] if isinstance(r["raw_request"], dict) else json.loads(r["raw_request"])
+            for r in found if r["raw_request"] is not None]
+
+
 async def attempt_row(h: Handle, checkout: str) -> tuple[str, int | None, str | None]:
     row = (await rows(h, "SELECT p.status, a.result_code, a.result_desc FROM payments p"
                          " JOIN stk_attempts a ON a.payment_id = p.id WHERE a.checkout_request_id = :c",
@@ -944,6 +952,10 @@ async def test_a_refused_push_fails_the_attempt_and_says_what_to_do(h: Handle, c
     assert [s.text for s in told] == [wait_a_minute()]
     assert buttons(told[0]) == PAY_BUTTON
     assert [(a["status"], a["checkout_request_id"]) for a in await attempts(h)] == [("FAILED", None)]
+    # The refused request is kept as sent, without the password (what was refused, exactly).
+    (sent,) = await raw_requests(h)
+    assert (sent["AccountReference"], sent["Amount"]) == ("1001", 2500) and "Password" not in sent
+    assert sent["CallBackURL"] == "https://pay.test/…"  # the secret path cut off
     await advance(h, clock, MINUTE + 1000)
     told = await tap_pay(h)
     assert [s.text for s in told] == [GENERIC_FAILURE]
@@ -988,6 +1000,9 @@ async def test_a_push_whose_answer_is_lost_is_adopted_by_its_callback(database_u
         await settle(h)
         # The prompt may be on the phone: the attempt stays in flight (no second prompt).
         assert [(a["status"], a["checkout_request_id"]) for a in await attempts(h)] == [("INITIATED", None)]
+        # What was sent is on record all the same (to match a late callback or statement by hand).
+        (sent,) = await raw_requests(h)
+        assert (sent["AccountReference"], sent["Amount"], sent["PhoneNumber"]) == ("1001", 2500, int(CUSTOMER))
         assert [s.text for s in await tap_pay(h)] == [already_sent()]
         assert await metric(h, 'invoiceiq_stk_requests_total{result="unknown"}') == 1
         # Its callback carries an id we never learnt, and the customer's phone: adopted.

@@ -232,10 +232,13 @@ class PaymentActor:
         code = getattr(exc, "code", "invalid")
         maybe_processed = isinstance(exc, TransientError) and exc.maybe_processed
         after = _After()
+        sent = getattr(exc, "request_for_log", None)
         if maybe_processed:
             # The request may have reached Daraja (the answer was lost): the customer may have
             # a prompt. Keep the attempt in flight; a callback adopts it by phone, or it expires.
             after.stk_results.append("unknown")
+            if sent is not None:
+                await self.store.write(lambda tx: payments.record_request(tx, attempt.payment_id, sent))
             log.warning("payment_push_unanswered", invoice_id=invoice.id, payment_id=attempt.payment_id, code=code)
             self._observe(after)
             return
@@ -246,6 +249,8 @@ class PaymentActor:
 
         async def job(tx: Tx) -> None:
             now = self.clock.now_ms()
+            if sent is not None:
+                await payments.record_request(tx, attempt.payment_id, sent)
             if await payments.resolve(tx, attempt.payment_id, status=PaymentStatus.FAILED, result_code=None,
                                       result_desc=f"push refused: {code}", now_ms=now, only_if_initiated=True):
                 after.queued += await self._answer(tx, invoice, reply, work.via, now)

@@ -58,6 +58,9 @@ class GatewayError(Exception):
         self.code = str(code)
         self.reason = _short(reason)
         self.http_status = http_status
+        # What was sent, without credentials, where the caller keeps it (an STK Push's body):
+        # set by the gateway on the way out, for the record of a refused or unanswered call.
+        self.request_for_log: Mapping[str, object] | None = None
         super().__init__(f"{provider} {self.code}: {self.reason}")
 
     def __repr__(self) -> str:

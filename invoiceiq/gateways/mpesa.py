@@ -238,29 +238,33 @@ class DarajaClient:
             "AccountReference": account_reference,
             "TransactionDesc": desc,
         }
-        response = await self._post("/mpesa/stkpush/v1/processrequest", body)
-        if not response.is_success:
-            raise self._classify(response)
-        data = as_mapping(json_body(response))
-        code = _code_str(data.get("ResponseCode"))
-        desc_text = _str(data.get("ResponseDescription")) or ""
-        if code is not None and code != "0":
-            raise PermanentError(
-                PROVIDER, code, desc_text or "request not accepted", http_status=response.status_code
-            )
-        checkout_id = _str(data.get("CheckoutRequestID"))
-        if checkout_id is None or code is None:
-            # A 2xx we can't read: the prompt may be on the phone already, so resending
-            # blindly could charge twice. Say so.
-            raise TransientError(
-                PROVIDER,
-                "bad_response",
-                "accepted without a CheckoutRequestID",
-                http_status=response.status_code,
-                maybe_processed=True,
-            )
         for_log = {k: v for k, v in body.items() if k != "Password"}
         for_log["CallBackURL"] = _origin(callback_url)
+        try:
+            response = await self._post("/mpesa/stkpush/v1/processrequest", body)
+            if not response.is_success:
+                raise self._classify(response)
+            data = as_mapping(json_body(response))
+            code = _code_str(data.get("ResponseCode"))
+            desc_text = _str(data.get("ResponseDescription")) or ""
+            if code is not None and code != "0":
+                raise PermanentError(
+                    PROVIDER, code, desc_text or "request not accepted", http_status=response.status_code
+                )
+            checkout_id = _str(data.get("CheckoutRequestID"))
+            if checkout_id is None or code is None:
+                # A 2xx we can't read: the prompt may be on the phone already, so resending
+                # blindly could charge twice. Say so.
+                raise TransientError(
+                    PROVIDER,
+                    "bad_response",
+                    "accepted without a CheckoutRequestID",
+                    http_status=response.status_code,
+                    maybe_processed=True,
+                )
+        except GatewayError as exc:
+            exc.request_for_log = for_log  # a refused or unanswered push is recorded with its body too
+            raise
         return StkPushAccepted(
             merchant_request_id=_str(data.get("MerchantRequestID")) or "",
             checkout_request_id=checkout_id,

@@ -6,6 +6,7 @@ At most one attempt per invoice is INITIATED at any time: the partial unique ind
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,9 +95,15 @@ async def accepted(tx: Tx, payment_id: str, *, checkout_request_id: str, merchan
     await tx.execute(
         "UPDATE stk_attempts SET checkout_request_id = :co, merchant_request_id = :mr WHERE payment_id = :id",
         {"co": checkout_request_id, "mr": merchant_request_id, "id": payment_id})
+    await record_request(tx, payment_id, raw_request)
+
+
+async def record_request(tx: Tx, payment_id: str, raw_request: Mapping[str, Any]) -> None:
+    """The STK Push body as sent (no password): kept whether Daraja took it, refused it or
+    never answered, for reconciling by hand."""
     await tx.execute(
         "UPDATE payments SET raw_request = :raw, updated_at = CURRENT_TIMESTAMP WHERE id = :id",
-        {"raw": dumps(raw_request), "id": payment_id})
+        {"raw": dumps(dict(raw_request)), "id": payment_id})
 
 
 async def resolve(tx: Tx, payment_id: str, *, status: PaymentStatus, result_code: int | None,
