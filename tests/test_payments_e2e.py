@@ -1017,6 +1017,33 @@ async def test_a_push_whose_answer_is_lost_is_adopted_by_its_callback(database_u
             already_sent(), receipt_text("1001", "2,500", "TKQ4ABC12D")]
 
 
+async def test_a_lost_answer_whose_record_cannot_be_written_keeps_the_attempt_in_flight(
+        database_url: str, clock: ManualClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keeping the request of an unanswered push is only a record: a database that refuses
+    that write leaves the attempt in flight (one prompt, no second push) all the same."""
+    from invoiceiq.store import StoreError
+    from invoiceiq.store import payments as payment_store
+
+    async def refused(*args: Any, **kwargs: Any) -> None:
+        raise StoreError("disk I/O error")
+
+    daraja = TimeoutDaraja()
+    providers = FakeProviders(daraja=daraja)
+    async with running_daemon(make_settings(database_url), providers=providers, clock=clock) as h:
+        await new_invoice(h)
+        monkeypatch.setattr(payment_store, "record_request", refused)
+        await h.tap(CUSTOMER, "pay_now:1001")
+        await wait_until(h, lambda: len(daraja.pushes) == 1, "the push")
+        await settle(h)
+        assert [(a["status"], a["checkout_request_id"]) for a in await attempts(h)] == [("INITIATED", None)]
+        assert await raw_requests(h) == []
+        # Counted and logged as unanswered, not a crash of the payment actor.
+        assert await metric(h, 'invoiceiq_stk_requests_total{result="unknown"}') == 1
+        assert await metric(h, 'invoiceiq_actor_restarts_total{actor="payment"}') == 0
+        assert [s.text for s in await tap_pay(h)] == [already_sent()]
+        assert len(daraja.pushes) == 1
+
+
 async def test_a_push_whose_answer_is_lost_expires_without_queries(database_url: str, clock: ManualClock) -> None:
     daraja = TimeoutDaraja()
     providers = FakeProviders(daraja=daraja)

@@ -238,7 +238,10 @@ class PaymentActor:
             # a prompt. Keep the attempt in flight; a callback adopts it by phone, or it expires.
             after.stk_results.append("unknown")
             if sent is not None:
-                await self.store.write(lambda tx: payments.record_request(tx, attempt.payment_id, sent))
+                try:  # only a record: the attempt is in flight whatever happens to it
+                    await self.store.write(lambda tx: payments.record_request(tx, attempt.payment_id, sent))
+                except StoreError:
+                    log.warning("payment_request_not_recorded", invoice_id=invoice.id, payment_id=attempt.payment_id)
             log.warning("payment_push_unanswered", invoice_id=invoice.id, payment_id=attempt.payment_id, code=code)
             self._observe(after)
             return
