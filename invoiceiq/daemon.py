@@ -265,7 +265,8 @@ class Daemon:
         self.outbox = outbox = OutboxActor(core=core, whatsapp=whatsapp, sms=sms, stopping=self.stopping,
                                            worker_id=self.worker_id, pressure=self.pressure)
         self.dispatch.wakers["outbox"] = outbox.waker
-        tracker = DeliveryTracker(core, outbox.waker.wake)
+        tracker = DeliveryTracker(core, outbox.waker.wake, pressure=self.pressure,
+                                  kick_again=lambda: self.dispatch.kick("delivery", "statuses"))
         session = SessionActor(store=self.store, settings=s, clock=self.clock, metrics=self.metrics,
                                dispatch=self.dispatch, pressure=self.pressure)
         for name, handler in (("session", session.handle), ("delivery", tracker.handle)):

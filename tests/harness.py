@@ -380,6 +380,19 @@ async def until(check: Callable[[], Awaitable[T | None]], what: str, timeout: fl
         raise AssertionError(f"timed out waiting for {what}") from None
 
 
+async def busy_door(h: Handle) -> None:
+    """Make the daemon's front door (runtime.Pressure) busy, as a webhook flood would, once its
+    probe has stopped (a probe still running would re-measure and undo it); the test calms it."""
+    pressure = h.daemon.pressure
+
+    async def probe_asleep() -> bool:
+        return pressure._probe_due is None
+
+    await until(probe_asleep, "the door's probe to stop")
+    pressure.rate, pressure.cpu_share = pressure.min_rate * 10, 1.0
+    assert pressure.busy
+
+
 @asynccontextmanager
 async def running_daemon(settings: Settings, *, providers: FakeProviders | None = None, clock: Clock | None = None,
                          idle_s: float = 30.0) -> AsyncIterator[Handle]:

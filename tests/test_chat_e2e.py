@@ -32,6 +32,7 @@ from harness import (
     inbound_text,
     make_settings,
     meta_schema_problems,
+    busy_door,
     running_daemon,
     status_event,
     until,
@@ -1049,9 +1050,7 @@ async def test_while_webhooks_flood_the_door_a_backlog_moves_one_event_per_turn(
     handled = _record_session_turns(h)
     waiting = 12
     await h.store.write(lambda tx: _merchant_backlog(tx, "wamid.flood", waiting, clock.now_ms()))
-    # Busy as the probe would find it during a flood (no request arrives here to re-probe).
-    pressure.rate, pressure.cpu_share = pressure.min_rate * 10, 1.0
-    assert pressure.busy
+    await busy_door(h)
     h.daemon.dispatch.kick("session", MERCHANT)
 
     async def all_processed() -> bool:

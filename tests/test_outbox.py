@@ -34,6 +34,7 @@ import pytest
 from harness import (
     WA_ERRORS,
     AUTH,
+    busy_door,
     until,
     CUSTOMER,
     MERCHANT,
@@ -461,6 +462,54 @@ async def test_a_131047_in_meta_answer_to_the_interactive_invoice_also_tries_the
     assert providers.texts(MERCHANT) == [confirmation("1001", CUSTOMER)]
     (invoice,) = await q(h, "SELECT status FROM invoices")
     assert invoice["status"] == "SENT"
+
+
+async def test_while_webhooks_flood_the_door_statuses_are_applied_in_small_admitted_turns(
+        h: Handle, providers: Scripted) -> None:
+    """The delivery tracker applies every waiting status in groups of 500; while the front
+    door is busy (runtime.Pressure) a turn takes ``BUSY_BATCH`` and queues the rest behind the
+    door's admission again, like a conversation's turn: what it takes from the webhooks stays
+    bounded however many statuses wait."""
+    from invoiceiq.actors.outbox import DeliveryTracker
+    from invoiceiq.store import inbox
+
+    await new_invoice(h)
+    await h.wait_for_texts(MERCHANT, 1)
+    await settle(h)
+    wamid = providers.to(CUSTOMER)[0].message_id
+    waiting = 2 * DeliveryTracker.BUSY_BATCH + 5
+
+    async def statuses(tx: Tx) -> None:
+        now = h.daemon.clock.now_ms()
+        for i in range(waiting):  # as many distinct status events (Meta's ids differ per status)
+            await inbox.put(tx, source="whatsapp", event_id=f"{wamid}:flood{i}", actor="delivery",
+                            actor_key=wamid, kind="status", now_ms=now,
+                            payload={"status": "delivered", "recipient": CUSTOMER, "timestamp_s": now // 1000,
+                                     "code": None, "reason": None})
+
+    registry = h.daemon.dispatch.registries["delivery"]
+    turns: list[str] = []
+    inner = registry._handler
+
+    async def recording(key: str, message: Any) -> None:
+        turns.append(key)
+        await inner(key, message)
+
+    registry._handler = recording
+    pressure = h.daemon.pressure
+    await h.store.write(statuses)
+    await busy_door(h)
+    h.daemon.dispatch.kick("delivery", "statuses")
+
+    async def all_applied() -> bool:
+        return await h.store.read(lambda tx: tx.val(
+            "SELECT COUNT(*) FROM inbox WHERE event_id LIKE :p AND processed_at_ms IS NOT NULL",
+            {"p": f"{wamid}:flood%"})) == waiting
+
+    await until(all_applied, "the statuses to be applied through the door")
+    pressure.rate = pressure.cpu_share = 0.0
+    assert len(turns) >= 3  # 32 + 32 + 5, each turn admitted on its own (one turn of 500 before)
+    assert (await invoice_row(h, "1001"))["status"] == "DELIVERED"
 
 
 async def _first(providers: Scripted, to: str, kind: str) -> Any:

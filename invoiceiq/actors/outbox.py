@@ -15,7 +15,7 @@ applied by ``DeliveryTracker``, keyed by the provider's message id.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -107,12 +107,9 @@ class Outbox:
             after.queued += await self.tell_merchant(
                 tx, copy.sent_by_sms(invoice, reason), invoice.id, f"sms-notice:{invoice.id}")
 
-    async def failed(self, tx: Tx, row: OutboxRow, reason: str, code: str | None, after: _After,
-                     form: str | None = None) -> None:
+    async def failed(self, tx: Tx, row: OutboxRow, reason: str, code: str | None, after: _After) -> None:
         """The message cannot go this way: the SMS fallback if there is one, else FAILED.
-
-        ``form``: what was attempted, when Meta refused it in its answer (the row records a
-        form only once a send is accepted; a failure from a status webhook finds it there)."""
+        ``row.sent_form`` is the form that failed (interactive, template, text, sms)."""
         now = self.clock.now_ms()
         if not await outbox.mark_failed(tx, row.id, reason, now):
             return
@@ -129,7 +126,7 @@ class Outbox:
             log.info("resend_skipped_content_pruned", outbox_id=row.id, invoice_id=row.invoice_id)
         if (resendable and row.channel is Channel.WHATSAPP and code == "131047"
                 and row.kind in ("invoice", "reminder")
-                and (form or row.sent_form) == "interactive"):
+                and row.sent_form == "interactive"):
             # Outside the 24-hour window (our record of it was wrong): the approved template is
             # allowed there. Try it once before falling back to SMS.
             again = await outbox.enqueue(
@@ -391,7 +388,10 @@ class OutboxActor:
             self._due_at(now + decision.delay_ms)
         else:
             # FALLBACK and FAIL: ``failed`` queues the SMS when there is a way, else gives up.
-            await self.store.write(lambda tx: self.core.failed(tx, row, reason, exc.code, after, form))
+            # The row records its form once a send is accepted; refused in Meta's answer, the
+            # form that failed is this attempt's.
+            attempted = replace(row, sent_form=form)
+            await self.store.write(lambda tx: self.core.failed(tx, attempted, reason, exc.code, after))
             self.core.observe(after)
         self.waker.wake()
 
@@ -404,31 +404,39 @@ class DeliveryTracker:
     in groups: one transaction for every status waiting, whichever kick arrived."""
 
     BATCH = 500
+    BUSY_BATCH = 32  # per admitted turn while webhooks flood the door (runtime.Pressure.turn)
 
-    def __init__(self, core: Outbox, wake_outbox: Any) -> None:
+    def __init__(self, core: Outbox, wake_outbox: Any, pressure: Pressure | None = None,
+                 kick_again: Any = None) -> None:
         self.core = core
         self.wake_outbox = wake_outbox
+        self.pressure = pressure
+        self.kick_again = kick_again  # to the back of the line, through the door's admission
 
     async def handle(self, _key: str, _message: Any) -> None:
         # A status can overtake the send's own commit (the provider answers the send and
         # posts "sent" at once): give such a row a moment to appear, then leave it to the sweep.
         for _ in range(20):
+            limit = self.BATCH if self.pressure is None else self.pressure.turn(self.BATCH, self.BUSY_BATCH)
             after = _After()
-            more, waiting = await self.core.store.write(lambda tx: self._apply(tx, after))
+            more, waiting = await self.core.store.write(lambda tx: self._apply(tx, after, limit))
             self.core.observe(after)
             if after.queued:
                 self.wake_outbox()
+            if more and limit < self.BATCH and self.kick_again is not None:
+                self.kick_again()  # during a flood: one slice per admitted turn, as a session's
+                return
             if more:
                 continue
             if not waiting:
                 return
             await anyio.sleep(0.1)
 
-    async def _apply(self, tx: Tx, after: _After) -> tuple[bool, int]:
+    async def _apply(self, tx: Tx, after: _After, limit: int) -> tuple[bool, int]:
         """Apply what can be; (more waiting beyond this batch, statuses whose row is not there yet)."""
         after.queued = 0
         after.events.clear()
-        events = await inbox.pending_for_actor(tx, "delivery", limit=self.BATCH)
+        events = await inbox.pending_for_actor(tx, "delivery", limit=limit)
         now = self.core.clock.now_ms()
         by_message: dict[str, list[InboxEvent]] = {}
         for event in events:
@@ -447,7 +455,7 @@ class DeliveryTracker:
             for event in group:
                 if await inbox.mark_processed(tx, event.seq, now):
                     row = await self._status(tx, row, provider_id, event, now, after)
-        return len(events) == self.BATCH and waiting < len(events), waiting
+        return len(events) == limit and waiting < len(events), waiting
 
     async def _status(self, tx: Tx, row: OutboxRow, provider_id: str, event: InboxEvent, now: int,
                       after: _After) -> OutboxRow:

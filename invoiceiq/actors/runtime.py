@@ -184,6 +184,13 @@ class Pressure:
     def busy(self) -> bool:
         return self.rate > self.min_rate and (self.lag_s > self.max_lag_s or self.cpu_share > self.max_cpu_share)
 
+    def turn(self, normal: int, busy: int = 1) -> int:
+        """How many waiting items a background turn may take now: ``normal``, or ``busy``
+        while the door is busy. Each turn is admitted on its own during a burst, so this
+        bounds what background work takes from the webhooks however long its backlog (with
+        full turns it grew with the backlog: bench/README)."""
+        return busy if self.busy else normal
+
     async def yield_to_requests(self) -> None:
         """Return at once when the door is calm; else wait for this job's turn."""
         if not self.busy:

@@ -98,17 +98,11 @@ class SessionActor:
             max_amount_kes=settings.mpesa.max_amount, rate_limit_per_minute=chat.merchant_rate_per_min)
 
     def _slice(self, careful: bool) -> int:
-        """Events to apply in this turn: one after a crash (to find the poisoned one), and one
-        while webhooks flood the front door; else ``BATCH``.
-
-        During a flood each turn is admitted by ``runtime.Pressure`` (one every 10 ms): a
-        turn of one event keeps what the session work takes from the webhooks bounded. With
-        turns of ``BATCH`` it grew with the backlog per conversation (more events waiting,
-        fuller turns): in a 30 s customer-text flood, from ~100 to ~700 events a second, and
-        the ingest rate fell run after run (bench/README)."""
-        if careful or (self.pressure is not None and self.pressure.busy):
+        """Events to apply in this turn: one after a crash (to find the poisoned one), one
+        while webhooks flood the front door (``Pressure.turn``), else ``BATCH``."""
+        if careful:
             return 1
-        return BATCH
+        return BATCH if self.pressure is None else self.pressure.turn(BATCH)
 
     def role_of(self, key: str) -> str:
         return "merchant" if key == self.settings.merchant.msisdn else "customer"
