@@ -290,7 +290,8 @@ class Daemon:
         tg_supervisor.start("registry:payment", registry.run)
         self.scheduler = scheduler = Scheduler(store=self.store, clock=self.clock, kick=self.dispatch.kick,
                                                stopping=self.stopping,
-                                               due_payments=lambda now: due_payments(self.store, now))
+                                               due_payments=lambda now: due_payments(self.store, now),
+                                               metrics=self.metrics)
         self.dispatch.wakers["scheduler"] = scheduler.waker
         tg_supervisor.start("outbox", outbox.run)
         tg_supervisor.start("scheduler", scheduler.run)

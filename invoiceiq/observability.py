@@ -166,6 +166,10 @@ class Metrics:
             ["route", "method"], buckets=_HTTP_BUCKETS, registry=r)
         self.actor_restarts = Counter(
             "invoiceiq_actor_restarts", "Supervised actor restarts after a crash", ["actor"], registry=r)
+        # A pass finds due timers and stored work whose kick was lost; if it stops moving, nothing
+        # due fires any more (nudges, closes, M-PESA status queries and expiries).
+        self.scheduler_sweeps = Counter(
+            "invoiceiq_scheduler_sweeps", "Scheduler passes over the database for due work", registry=r)
 
     def set_totals(self, created: int, sent: int, paid: int) -> None:
         """Start the counters from the database so that a restart does not reset them."""

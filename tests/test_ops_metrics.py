@@ -289,3 +289,23 @@ async def test_the_sqlite_writers_group_commit_is_in_the_metrics(database_url: s
         assert groups is not None and jobs is not None
         assert jobs >= 20 + 20  # each webhook's job and each reply's, at least
         assert groups < jobs
+
+
+async def test_scheduler_sweeps_count_each_pass_over_due_work(database_url: str) -> None:
+    """invoiceiq_scheduler_sweeps_total moves with every pass (each 5 s of the clock when nothing
+    is due), so that an alert can tell a scheduler that stopped: nothing due would fire."""
+    clock = ManualClock()
+    async with running_daemon(make_settings(database_url), clock=clock) as h:
+        async def passes() -> float:
+            return value(await scrape(h), "invoiceiq_scheduler_sweeps_total") or 0
+
+        first = await until(passes, "the scheduler's first pass")
+        assert await passes() == first  # the clock stands still: no pass
+        for n in (1, 2, 3):
+            clock.advance(5_000)
+            await until(lambda n=n: _at_least(passes, first + n), f"pass {n + 1}")
+        assert await passes() == first + 3
+
+
+async def _at_least(read: Any, target: float) -> bool:
+    return await read() >= target

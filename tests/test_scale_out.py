@@ -38,6 +38,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from contextlib import asynccontextmanager
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -355,6 +356,8 @@ class Cluster:
     # Log events a test expects at error level (reset before each test).
     tolerated: set[str] = field(default_factory=set)
     rng: random.Random = field(default_factory=lambda: random.Random(9))
+    # Settings of this cluster's daemons beyond Cluster.env's (the timer tests' short timers).
+    overrides: dict[str, str] = field(default_factory=dict)
 
     def app_name(self, name: str) -> str:
         """The instance's PostgreSQL application_name (its connections in pg_stat_activity)."""
@@ -377,6 +380,7 @@ class Cluster:
             INVOICEIQ_OUTBOX_LEASE_S=str(LEASE_S),
             INVOICEIQ_LOG_LEVEL="info",
         ))
+        env.update(self.overrides)
         env["PYTHONUNBUFFERED"] = "1"
         return env
 
@@ -425,17 +429,18 @@ class Cluster:
                     instance.proc.kill()
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def run_cluster(tmp_path_factory: pytest.TempPathFactory, name: str,
+                overrides: dict[str, str] | None = None) -> Iterator[Cluster]:
+    """A new schema and the fake providers; A and B started together on it (they race for the
+    migrations and the callback secret); everything stopped and dropped afterwards."""
     try:
         schema = asyncio.run(make_pg_schema())
     except Exception as exc:  # noqa: BLE001
         pytest.fail(f"INVOICEIQ_TEST_POSTGRES_URL is set but PostgreSQL cannot be used: "
                     f"{type(exc).__name__}: {exc}", pytrace=False)
     fake = FakeProviders()
-    c = Cluster(fake, schema, tmp_path_factory.mktemp("scale_out"))
+    c = Cluster(fake, schema, tmp_path_factory.mktemp(name), overrides=dict(overrides or {}))
     try:
-        # Both at once on the empty schema: they race for the migrations and the callback secret.
         first, second = c.start("A"), c.start("B")
         c.wait_ready(first)
         c.wait_ready(second)
@@ -444,6 +449,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         c.stop_all()
         fake.close()
         asyncio.run(drop_pg_schema(schema))
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    yield from run_cluster(tmp_path_factory, "scale_out")
 
 
 class Db:
@@ -459,8 +469,8 @@ class Db:
         return [dict(r) for r in await self.pool.fetch(sql, *args)]
 
 
-@pytest.fixture
-async def db(cluster: Cluster) -> AsyncIterator[Db]:
+@asynccontextmanager
+async def open_db(cluster: Cluster) -> AsyncIterator[Db]:
     import asyncpg
 
     pool = await asyncpg.create_pool(POSTGRES_URL, min_size=1, max_size=4,
@@ -469,6 +479,12 @@ async def db(cluster: Cluster) -> AsyncIterator[Db]:
         yield Db(pool)
     finally:
         await pool.close()
+
+
+@pytest.fixture
+async def db(cluster: Cluster) -> AsyncIterator[Db]:
+    async with open_db(cluster) as view:
+        yield view
 
 
 @pytest.fixture
@@ -482,13 +498,19 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
 async def live(cluster: Cluster, db: Db) -> AsyncIterator[Cluster]:
     """The cluster with A and B up (one killed by an earlier test is started again here); after
     the test: nothing left waiting, every send accounted for, no error in any daemon's log."""
+    async with checked(cluster, db):
+        yield cluster
+
+
+@asynccontextmanager
+async def checked(cluster: Cluster, db: Db) -> AsyncIterator[None]:
     for name in ("A", "B"):
         if not cluster.instances[name].alive:
             await anyio.to_thread.run_sync(cluster.wait_ready, cluster.start(name))
     cluster.tolerated = set()
     marks = {name: len(i.events()) for name, i in cluster.instances.items()}
     sends_mark = cluster.fake.mark()
-    yield cluster
+    yield
     await settle(cluster, db)
     await assert_every_send_recorded_once(cluster, db)
     # Every Graph API body the instances sent, held to Meta's own schema (as the in-process tests do).
@@ -1226,3 +1248,82 @@ async def test_instance_killed_half_way_the_other_finishes_the_work(
           f" B held {len(held)} claimed sends, {killed['in_flight']} payments were in flight);"
           f" A finished at {elapsed:.1f} s; {len(orphans)} of B's unrecorded sends, {load.retaps} re-taps,"
           f" {load.failovers} deliveries retried on A")
+
+
+# -- (e) timers that fall due on both instances at once ---------------------------------------------
+
+# Longer than the scheduler's 5 s poll (actors/scheduler.py POLL_MS), so that both instances have
+# read the due time before it comes and both wake for it at the same moment: a real race, each
+# time, not one instance finding the work done at its next poll.
+TIMED = {"INVOICEIQ_CHAT_NUDGE_AFTER_S": "6", "INVOICEIQ_CHAT_CLOSE_AFTER_S": "9",
+         "INVOICEIQ_MPESA_QUERY_AFTER_S": "6", "INVOICEIQ_MPESA_EXPIRE_AFTER_S": "9"}
+
+
+@pytest.fixture(scope="module")
+def timed_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A second pair of instances, on their own schema, with the short timers of TIMED."""
+    yield from run_cluster(tmp_path_factory, "scale_out_timers", TIMED)
+
+
+async def test_timers_due_on_both_instances_fire_once(timed_cluster: Cluster, client: httpx.AsyncClient) -> None:
+    """A merchant who stops half-way through the guided flow, and an STK push that Safaricom
+    never calls back, on two instances whose schedulers both wake when each falls due.
+    The conversation is nudged once and closed once (the step is a compare-and-set on the
+    conversation's version); Daraja is asked once per due time, not once per instance (the
+    check is claimed first: payments.claim_check), and the customer is told once that the
+    prompt expired."""
+    cluster = timed_cluster
+    fake = cluster.fake
+    a, b = cluster.instances["A"], cluster.instances["B"]
+    customer = "254711000201"
+    async with open_db(cluster) as db, checked(cluster, db):
+        invoice_id, template = await one_line_invoice(cluster, client, customer, 450, "Lawn mowing")
+        await wait_until(lambda: invoice_sent_text(invoice_id, customer) in fake.texts(MERCHANT),
+                         "the merchant's confirmation")
+        response = await post_webhook(client, a, inbound_button(customer, f"pay_now:{invoice_id}", "Pay with M-PESA",
+                                                                context=template.message_id))
+        assert response.status_code == 200
+        (push,) = await wait_until(lambda: fake.pushes_for(invoice_id), "the STK push")
+        pushed = time.monotonic()
+
+        mark = fake.mark()
+        for instance, text in ((a, "new invoice"), (b, "0711 000 202")):
+            assert (await post_webhook(client, instance, inbound_text(MERCHANT, text, timestamp=now_s()))).is_success
+            await wait_until(lambda n=len(fake.to(MERCHANT, mark)): len(fake.to(MERCHANT, mark)) > n,
+                             f"the answer to {text!r}")
+        await wait_until(lambda: said(copy.SESSION_CLOSED) in fake.texts(MERCHANT, mark),
+                         "the conversation to close", timeout=30)
+        expired = f"The M-PESA prompt for Invoice #{invoice_id} (KES 450) expired.\nTap Pay with M-PESA to try again."
+        await wait_until(lambda: expired in fake.texts(customer), "the customer told the prompt expired", timeout=30)
+        assert time.monotonic() - pushed >= 9  # not before its time
+        # Both schedulers look again (a whole pass that starts after now, on each instance), and
+        # what they queued is sent: a second nudge, close, query or notice would be here by then.
+        seen = {i.name: await sweeps(client, i) for i in (a, b)}
+
+        async def looked_again() -> bool:
+            return all([await sweeps(client, i) >= seen[i.name] + 2 for i in (a, b)])
+
+        await wait_until(looked_again, "another pass of both schedulers", timeout=20, every=0.2)
+        await settle(cluster, db)
+
+        assert fake.texts(MERCHANT, mark) == [said(copy.ASK_PHONE), said(copy.ASK_NAME), said(copy.NUDGE),
+                                              said(copy.SESSION_CLOSED)]
+        state = json.loads(await db.val("SELECT state FROM conversations WHERE conv_key = $1", MERCHANT))
+        assert state["stage"] == "IDLE"
+        # Asked at 6 s (then due again at the 9 s expiry) and at 9 s before giving up: two queries.
+        assert fake.queries.count(push["_checkout"]) == 2, fake.queries
+        assert fake.texts(customer)[1:] == [prompt_sent_text(invoice_id, 450, customer), expired]
+        assert await db.rows("SELECT p.status, a.result_desc, a.next_check_at_ms FROM payments p"
+                             " JOIN stk_attempts a ON a.payment_id = p.id WHERE p.invoice_id = $1", invoice_id) == [
+            {"status": "EXPIRED", "result_desc": "no answer from M-PESA", "next_check_at_ms": None}]
+        assert await db.val("SELECT status FROM invoices WHERE id = $1", invoice_id) == "SENT"
+        # Both instances were up and polling throughout (neither found the other's work by chance).
+        assert a.alive and b.alive
+
+
+async def sweeps(client: httpx.AsyncClient, instance: Instance) -> int:
+    """The instance's ``invoiceiq_scheduler_sweeps_total``."""
+    response = await client.get(f"{instance.base}/metrics")
+    response.raise_for_status()
+    (line,) = [ln for ln in response.text.splitlines() if ln.startswith("invoiceiq_scheduler_sweeps_total ")]
+    return int(float(line.split()[1]))

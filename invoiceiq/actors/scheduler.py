@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 import anyio
 
 from ..clock import Clock
-from ..observability import get_logger
+from ..observability import Metrics, get_logger
 from ..store import Store, conversations, inbox
 from .runtime import Waker
 
@@ -33,12 +33,13 @@ DueSource = Callable[[int], Awaitable[tuple[list[str], int | None]]]
 
 class Scheduler:
     def __init__(self, *, store: Store, clock: Clock, kick: Kick, stopping: anyio.Event,
-                 due_payments: DueSource | None = None) -> None:
+                 due_payments: DueSource | None = None, metrics: Metrics | None = None) -> None:
         self.store = store
         self.clock = clock
         self.kick = kick
         self.stopping = stopping
         self.due_payments = due_payments
+        self.metrics = metrics
         self.waker = Waker()
         self.sweeps = 0
 
@@ -63,6 +64,8 @@ class Scheduler:
                     next_due = next_payment if next_due is None else min(next_due, next_payment)
             started = False
             self.sweeps += 1
+            if self.metrics is not None:
+                self.metrics.scheduler_sweeps.inc()
             deadline = now + POLL_MS
             if next_due is not None:
                 # A due time already past was just kicked; look again soon, not in a busy loop.
