@@ -284,8 +284,10 @@ class Daemon:
         callback_url = m.callback_url or f"{s.server.public_base_url}/payments/stk/callback/{callback_secret}"
         payment = PaymentActor(store=self.store, settings=s, clock=self.clock, metrics=self.metrics, daraja=daraja,
                                wake_outbox=outbox.waker.wake, callback_url=callback_url)
+        # Urgent: during a webhook flood a Pay tap, an STK answer or a callback goes before
+        # the chat's replies (a customer is holding the phone for the PIN prompt or receipt).
         registry = Registry("payment", payment.handle, idle_s=self._idle_s, metrics=self.metrics,
-                            pressure=self.pressure)
+                            pressure=self.pressure, urgent=True)
         self.dispatch.registries["payment"] = registry
         tg_supervisor.start("registry:payment", registry.run)
         self.scheduler = scheduler = Scheduler(store=self.store, clock=self.clock, kick=self.dispatch.kick,

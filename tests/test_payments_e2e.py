@@ -352,6 +352,44 @@ async def test_one_line_invoice_tap_push_callback_paid_one_receipt_each(h: Handl
     assert len(h.providers.daraja.pushes) == 1
 
 
+async def test_during_a_flood_a_callback_goes_before_the_chats_waiting_turns(h: Handle) -> None:
+    """While webhooks flood the front door, background turns are admitted one at a time
+    (runtime.Pressure); a payment's turn is urgent. An STK callback arriving behind twenty
+    customers' chat turns is applied at the next admission, not after them (first come,
+    first served, it waited for the sixteen session workers queued before it)."""
+    await new_invoice(h)
+    checkout = await pay_started(h)
+    pressure = h.daemon.pressure
+    # Busy whatever the probe measures (the test's own webhooks would otherwise measure calm).
+    limits = pressure.min_rate, pressure.max_cpu_share
+    pressure.min_rate = pressure.max_cpu_share = -1.0
+    assert pressure.busy
+    chatters = [f"25472200{n:04d}" for n in range(20)]
+    for msisdn in chatters:
+        await h.say(msisdn, "hello")
+    await wait_until(h, lambda: pressure.waiting >= 16, "the session workers to queue at the door")
+
+    async def chats_done() -> int:
+        return int(await val(h, "SELECT COUNT(*) FROM inbox WHERE actor = 'session' AND processed_at_ms IS NOT NULL"
+                                f" AND actor_key IN ({', '.join(repr(m) for m in chatters)})"))
+
+    before = await chats_done()
+    response = await h.callback(stk_callback(checkout, 0, amount=2500, receipt="TKQ4URG12D"))
+    assert (response.status_code, response.json()) == (200, ACK)
+
+    async def paid() -> bool:
+        return await val(h, "SELECT status FROM invoices WHERE id = '1001'") == "PAID"
+
+    await wait_until(h, paid, "the callback to be applied")
+    assert await chats_done() <= before + 1  # at most the turn admitted as the callback came in
+    assert pressure.busy
+    pressure.min_rate, pressure.max_cpu_share = limits  # the flood is over: everyone waiting goes
+    pressure._admit()
+    await wait_until(h, lambda: receipts(h, MERCHANT) and receipts(h, CUSTOMER), "both receipts")
+    await settle(h)
+    assert await chats_done() == len(chatters)
+
+
 async def test_time_to_pay_is_observed_and_every_payment_event_is_logged(h: Handle, clock: ManualClock) -> None:
     """Brief sections 12 and 14: the time-to-pay histogram (payment time minus sent time) and one
     log line per payment event, with the invoice id and without the phone number in clear."""

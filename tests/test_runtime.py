@@ -292,6 +292,31 @@ async def test_pressure_admits_waiting_jobs_one_at_a_time_in_order_then_all_when
     assert admitted == [0, 1, 2, 3] and pressure.deferred == 4
 
 
+async def test_pressure_admits_urgent_jobs_first_each_kind_in_order() -> None:
+    """A payment's turn (urgent) overtakes the chat's turns queued before it, not another
+    payment's; the ordinary ones follow in their own order."""
+    admitted: list[str] = []
+    pressure, job = _busy_door(admitted)
+
+    async def urgent_job(name: str) -> None:
+        await pressure.yield_to_requests(urgent=True)
+        admitted.append(name)
+
+    async with anyio.create_task_group() as tg:
+        for name in ("chat1", "chat2", "chat3"):
+            tg.start_soon(job, name)
+            await anyio.lowlevel.checkpoint()
+        tg.start_soon(urgent_job, "pay1")
+        await anyio.lowlevel.checkpoint()
+        tg.start_soon(urgent_job, "pay2")
+        await anyio.lowlevel.checkpoint()
+        assert pressure.waiting == 5 and admitted == []
+        await eventually(lambda: len(admitted) >= 3)
+        assert admitted[:3] == ["pay1", "pay2", "chat1"]
+        await eventually(lambda: len(admitted) == 5)
+    assert admitted == ["pay1", "pay2", "chat1", "chat2", "chat3"] and pressure.waiting == 0
+
+
 async def test_pressure_a_cancelled_waiter_gives_up_its_place() -> None:
     admitted: list[str] = []
     pressure, job = _busy_door(admitted)
@@ -307,10 +332,10 @@ async def test_pressure_a_cancelled_waiter_gives_up_its_place() -> None:
         await anyio.lowlevel.checkpoint()
         tg.start_soon(job, "kept")
         await anyio.lowlevel.checkpoint()
-        assert len(pressure._waiting) == 2
+        assert pressure.waiting == 2
         scopes[0].cancel()
         await eventually(lambda: admitted == ["kept"])
-    assert len(pressure._waiting) == 0
+    assert pressure.waiting == 0
 
 
 async def test_pressure_measures_a_loop_kept_late_by_requests_and_stops_when_they_stop() -> None:
