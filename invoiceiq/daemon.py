@@ -284,8 +284,10 @@ class Daemon:
         callback_url = m.callback_url or f"{s.server.public_base_url}/payments/stk/callback/{callback_secret}"
         payment = PaymentActor(store=self.store, settings=s, clock=self.clock, metrics=self.metrics, daraja=daraja,
                                wake_outbox=outbox.waker.wake, callback_url=callback_url)
-        # Urgent: during a webhook flood a Pay tap, an STK answer or a callback goes before
-        # the chat's replies (a customer is holding the phone for the PIN prompt or receipt).
+        # Urgent: during a webhook flood the payment's turns (a Pay request from the pay page,
+        # the API or the chat, a push's answer, a callback) go before the chat's (a customer is
+        # holding the phone for the PIN prompt or the receipt). A WhatsApp tap is the chat's
+        # turn first: the session actor hands it over.
         registry = Registry("payment", payment.handle, idle_s=self._idle_s, metrics=self.metrics,
                             pressure=self.pressure, urgent=True)
         self.dispatch.registries["payment"] = registry

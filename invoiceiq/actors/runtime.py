@@ -155,7 +155,7 @@ class Pressure:
     While busy, background workers (keyed actors, the outbox) calling ``yield_to_requests``
     are admitted one at a time, one every ``admit_every_s``: the follow-up (replies, sends)
     keeps moving at a bounded rate and never starves, and the inbox and the outbox keep it
-    safe meanwhile. Urgent waiters (the payment actors: a customer is holding the phone,
+    safe meanwhile. Urgent waiters (the payment actors: a customer may be holding the phone,
     waiting for the PIN prompt or the receipt) go before the others; each kind is first come
     first served. When the door is calm again everyone waiting goes at once. One timer
     serves all the waiters (a poll per worker cost a few percent of the CPU during exactly
