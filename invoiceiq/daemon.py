@@ -66,13 +66,14 @@ class Dispatcher:
     registries: dict[str, Registry[Any]] = field(default_factory=dict)
     wakers: dict[str, Waker] = field(default_factory=dict)
 
-    def kick(self, actor: str, key: str) -> None:
-        """Wake actor ``key`` for work stored in the database (coalesced, never blocks)."""
+    def kick(self, actor: str, key: str, *, urgent: bool = False) -> None:
+        """Wake actor ``key`` for work stored in the database (coalesced, never blocks);
+        ``urgent``: its next turn goes ahead of the others during a burst (a Pay request)."""
         registry = self.registries.get(actor)
         if registry is None:
             log.warning("no_such_actor", actor=actor)
             return
-        registry.kick(key)
+        registry.kick(key, urgent=urgent)
 
     def wake(self, actor: str) -> None:
         waker = self.wakers.get(actor)

@@ -37,6 +37,7 @@ from invoiceiq.core.customer import (
     OpenInvoices,
     PayRequested,
     customer_step,
+    pay_request,
 )
 from invoiceiq.core.model import Button, Customer, Invoice, InvoiceStatus
 
@@ -746,6 +747,20 @@ def invoice(n: int, status: InvoiceStatus = InvoiceStatus.SENT) -> Invoice:
 def test_customer_taps_and_pay(text: str, effect: object) -> None:
     state = CustomerState(last_hint_at_ms=T0)  # a recent hint does not block taps
     assert customer_step(state, Message(text), T0 + 1) == (state, (effect,))
+
+
+@pytest.mark.parametrize("text", ["pay_now:1042", "pay", "Pay now", "PAY #INV-1042", "pay with mpesa"])
+def test_pay_request_recognises_what_the_step_takes_as_one(text: str) -> None:
+    """The front door asks ``pay_request`` which messages should go ahead of the chat during a
+    flood: it must agree with the step, which decides what is paid."""
+    assert pay_request(text) is not None
+    assert customer_step(CustomerState(), Message(text), T0)[1] == (pay_request(text),)
+
+
+@pytest.mark.parametrize("text", ["pay later", "hello", "view_details:1042", "paying?", "", "pay_now"])
+def test_pay_request_is_none_for_anything_else(text: str) -> None:
+    assert pay_request(text) is None
+    assert not any(isinstance(e, PayRequested) for e in customer_step(CustomerState(), Message(text), T0)[1])
 
 
 def test_customer_free_text_gets_one_hint_per_interval() -> None:

@@ -13,7 +13,8 @@ import copy as copylib
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from harness import (
     DARAJA,
     MERCHANT,
     PUBLIC_URL,
+    SMS_INBOUND,
     FakeDaraja,
     FakeProviders,
     Handle,
@@ -352,15 +354,13 @@ async def test_one_line_invoice_tap_push_callback_paid_one_receipt_each(h: Handl
     assert len(h.providers.daraja.pushes) == 1
 
 
-async def test_during_a_flood_a_callback_goes_before_the_chats_waiting_turns(h: Handle) -> None:
-    """While webhooks flood the front door, background turns are admitted one at a time
-    (runtime.Pressure); a payment's turn is urgent. An STK callback arriving behind twenty
-    customers' chat turns is applied at the next admission, not after them (first come,
-    first served, it waited for the sixteen session workers queued before it)."""
-    await new_invoice(h)
-    checkout = await pay_started(h)
+@asynccontextmanager
+async def behind_twenty_waiting_chats(h: Handle) -> AsyncIterator[Callable[[], Awaitable[int]]]:
+    """The front door busy whatever its probe measures (the test's own webhooks would measure
+    calm), and twenty customers' chat turns waiting there (the session workers all queued);
+    yields how many of those chats have been applied. Afterwards the door is calm again and
+    everything settles, every chat applied."""
     pressure = h.daemon.pressure
-    # Busy whatever the probe measures (the test's own webhooks would otherwise measure calm).
     limits = pressure.min_rate, pressure.max_cpu_share
     pressure.min_rate = pressure.max_cpu_share = -1.0
     assert pressure.busy
@@ -373,21 +373,62 @@ async def test_during_a_flood_a_callback_goes_before_the_chats_waiting_turns(h: 
         return int(await val(h, "SELECT COUNT(*) FROM inbox WHERE actor = 'session' AND processed_at_ms IS NOT NULL"
                                 f" AND actor_key IN ({', '.join(repr(m) for m in chatters)})"))
 
-    before = await chats_done()
-    response = await h.callback(stk_callback(checkout, 0, amount=2500, receipt="TKQ4URG12D"))
-    assert (response.status_code, response.json()) == (200, ACK)
-
-    async def paid() -> bool:
-        return await val(h, "SELECT status FROM invoices WHERE id = '1001'") == "PAID"
-
-    await wait_until(h, paid, "the callback to be applied")
-    assert await chats_done() <= before + 1  # at most the turn admitted as the callback came in
+    yield chats_done
     assert pressure.busy
     pressure.min_rate, pressure.max_cpu_share = limits  # the flood is over: everyone waiting goes
     pressure._admit()
-    await wait_until(h, lambda: receipts(h, MERCHANT) and receipts(h, CUSTOMER), "both receipts")
     await settle(h)
     assert await chats_done() == len(chatters)
+
+
+async def _paid(h: Handle) -> bool:
+    return await val(h, "SELECT status FROM invoices WHERE id = '1001'") == "PAID"
+
+
+async def test_during_a_flood_a_callback_goes_before_the_chats_waiting_turns(h: Handle) -> None:
+    """While webhooks flood the front door, background turns are admitted one at a time
+    (runtime.Pressure); a payment's turn is urgent. An STK callback arriving behind twenty
+    customers' chat turns is applied at the next admission, not after them (first come,
+    first served, it waited for the sixteen session workers queued before it)."""
+    await new_invoice(h)
+    checkout = await pay_started(h)
+    async with behind_twenty_waiting_chats(h) as chats_done:
+        before = await chats_done()
+        response = await h.callback(stk_callback(checkout, 0, amount=2500, receipt="TKQ4URG12D"))
+        assert (response.status_code, response.json()) == (200, ACK)
+        await wait_until(h, lambda: _paid(h), "the callback to be applied")
+        assert await chats_done() <= before + 1  # at most the turn admitted as the callback came in
+    assert receipts(h, CUSTOMER) == receipts(h, MERCHANT) == [receipt_text("1001", "2,500", "TKQ4URG12D")]
+
+
+async def test_during_a_flood_a_pay_tap_goes_before_the_chats_waiting_turns(h: Handle) -> None:
+    """The customer's tap on Pay with M-PESA is a chat turn first (the session actor hands the
+    request to the payment actor): the front door kicks it urgently, so that its turn, and
+    then the payment's, go ahead of the twenty chats waiting: the STK push leaves at once."""
+    await new_invoice(h)
+    async with behind_twenty_waiting_chats(h) as chats_done:
+        before = await chats_done()
+        await h.tap(CUSTOMER, "pay_now:1001")
+        await wait_until(h, lambda: h.providers.daraja.pushes, "the STK push")
+        assert await chats_done() <= before + 2  # at most the turns admitted as the tap came in
+    (push,) = h.providers.daraja.pushes
+    assert (push["AccountReference"], push["Amount"]) == ("1001", 2500)
+    assert prompt_sent() in [s.text for s in h.providers.to(CUSTOMER)]
+
+
+async def test_during_a_flood_an_sms_saying_pay_goes_before_the_chats_waiting_turns(h: Handle) -> None:
+    """The same for "PAY" by SMS (a customer WhatsApp cannot reach): the SMS route asks the
+    same question of the same core function (customer.asks_to_pay)."""
+    await new_invoice(h)
+    async with behind_twenty_waiting_chats(h) as chats_done:
+        before = await chats_done()
+        response = await h.client.post(SMS_INBOUND, data={"from": f"+{CUSTOMER}", "id": "sms-pay-1", "text": "PAY",
+                                                          "to": "21345"})
+        assert response.status_code == 200
+        await wait_until(h, lambda: h.providers.daraja.pushes, "the STK push")
+        assert await chats_done() <= before + 2
+    (push,) = h.providers.daraja.pushes
+    assert (push["AccountReference"], str(push["PhoneNumber"])) == ("1001", CUSTOMER)
 
 
 async def test_time_to_pay_is_observed_and_every_payment_event_is_logged(h: Handle, clock: ManualClock) -> None:

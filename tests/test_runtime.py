@@ -182,6 +182,35 @@ async def test_keys_take_turns_so_a_flood_cannot_starve_another_key() -> None:
         tg.cancel_scope.cancel()
 
 
+async def test_an_urgent_kick_takes_the_next_turn_once_through_a_busy_door() -> None:
+    """Kicks for keys a-f wait at a busy door (one admitted per tick); a Pay request kicked
+    urgently for "pay" after them, and then for "c" (already waiting), go first, in that
+    order, then the rest in theirs. The urgency lasts one turn: "pay" kicked again
+    normally goes to the back."""
+    order: list[str] = []
+    pressure = Pressure(admit_every_s=0.02)
+    _busy(pressure)
+
+    async def handler(key: str, message: object) -> None:
+        order.append(key)
+
+    reg: Registry[object] = Registry("chat", handler, workers=2, pressure=pressure)
+    async with anyio.create_task_group() as tg:
+        for key in "abcdef":
+            reg.kick(key)
+        tg.start_soon(reg.run)
+        await eventually(lambda: pressure.waiting == 2)  # both workers at the door
+        reg.kick("pay", urgent=True)
+        reg.kick("c", urgent=True)
+        await eventually(lambda: len(order) == 3)
+        reg.kick("pay")
+        await eventually(lambda: len(order) == 8)
+        tg.cancel_scope.cancel()
+    # Both workers were already waiting at the door when the urgent kicks came: each takes
+    # the urgent line first once admitted.
+    assert order == ["pay", "c", "a", "b", "d", "e", "f", "pay"]
+
+
 async def test_kicks_coalesce_and_never_block() -> None:
     runs: list[str] = []
     release = anyio.Event()

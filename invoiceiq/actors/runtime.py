@@ -334,12 +334,13 @@ class _Keyed(Generic[M]):
     runs its handler while it has mail (notes/stack.md: a task per actor costs ~9 KB; a
     record like this a few hundred bytes)."""
 
-    __slots__ = ("key", "mail", "kicked", "running", "scheduled", "failures", "idle_since", "space")
+    __slots__ = ("key", "mail", "kicked", "urgent", "running", "scheduled", "failures", "idle_since", "space")
 
     def __init__(self, key: str) -> None:
         self.key = key
         self.mail: deque[M] = deque()
         self.kicked = False
+        self.urgent = False  # its next turn goes ahead of the line (Registry.kick)
         self.running = False
         self.scheduled = False
         self.failures = 0
@@ -363,7 +364,8 @@ class Registry(Generic[M]):
       never a dropped message); ``kick`` is a coalesced, non-blocking wake-up for actors
       whose real mail is in the database (several kicks before the handler runs are one);
     * during a burst at the front door each turn waits for ``pressure``'s admission, before
-      other background work when ``urgent``.
+      other background work when ``urgent`` (every turn of this registry) or when the key's
+      kick was (``kick(key, urgent=True)``: its next turn only, in a line taken first).
     """
 
     def __init__(self, name: str, handler: Handler[M], *, mailbox_size: int = 16, workers: int = 16,
@@ -382,6 +384,7 @@ class Registry(Generic[M]):
         self._max = backoff_max_s
         self._actors: dict[str, _Keyed[M]] = {}
         self._ready: deque[str] = deque()
+        self._ready_urgent: deque[str] = deque()  # taken before _ready, in order
         self._work = anyio.Event()
         self._started = False
         self.spawned = 0
@@ -415,8 +418,13 @@ class Registry(Generic[M]):
         actor.mail.append(message)
         self._schedule(actor)
 
-    def kick(self, key: str) -> None:
+    def kick(self, key: str, *, urgent: bool = False) -> None:
         actor = self._get(key)
+        if urgent and not actor.urgent:
+            actor.urgent = True
+            if actor.scheduled:  # somewhere down the line: join the urgent line as well
+                self._ready_urgent.append(key)  # (the later entry finds the turn taken: skipped)
+                self._work.set()
         if not actor.kicked:
             actor.kicked = True
             self._schedule(actor)
@@ -432,19 +440,19 @@ class Registry(Generic[M]):
     def _schedule(self, actor: _Keyed[M]) -> None:
         if not actor.running and not actor.scheduled:
             actor.scheduled = True
-            self._ready.append(actor.key)
+            (self._ready_urgent if actor.urgent else self._ready).append(actor.key)
             self._work.set()
 
     async def _worker(self) -> None:
         while True:
-            while not self._ready:
+            while not (self._ready or self._ready_urgent):
                 self._work = anyio.Event() if self._work.is_set() else self._work
                 await self._work.wait()
             if self._pressure is not None and self._pressure.busy:
-                await self._pressure.yield_to_requests(urgent=self._urgent)
-                if not self._ready:
+                await self._pressure.yield_to_requests(urgent=self._urgent or bool(self._ready_urgent))
+                if not (self._ready or self._ready_urgent):
                     continue
-            key = self._ready.popleft()
+            key = (self._ready_urgent or self._ready).popleft()
             actor = self._actors.get(key)
             if actor is None or actor.running:
                 continue
@@ -452,6 +460,7 @@ class Registry(Generic[M]):
             if not actor.has_work:
                 continue
             actor.running = True
+            actor.urgent = False  # one turn ahead per urgent kick: a flood of them stays in line
             try:
                 if actor.mail:
                     message = actor.mail.popleft()

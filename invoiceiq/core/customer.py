@@ -28,7 +28,9 @@ __all__ = [
     "OpenInvoices",
     "PayRequested",
     "Reply",
+    "asks_to_pay",
     "customer_step",
+    "pay_request",
 ]
 
 HINT_INTERVAL_MS = 3_600_000
@@ -87,6 +89,29 @@ class CustomerState:
 _PAY_ALONE = frozenset({"", "now", "with m-pesa", "with mpesa"})
 
 
+def pay_request(text: str) -> PayRequested | None:
+    """What a customer's message asks to pay, if it asks: the Pay button's id
+    (``pay_now:<id>``), or "pay", "pay now", "pay 1042" in words. ``text`` as cleaned input."""
+    lowered = text.casefold()
+    # Button ids: "pay_now:<id>" / "view_details:<id>" (copy.py puts the invoice id in every one).
+    if lowered.startswith("pay_now:"):
+        return PayRequested(normalize_invoice_ref(text[len("pay_now:"):]))
+    words = lowered.split()
+    if words and words[0] == "pay":
+        rest = " ".join(words[1:])
+        if rest in _PAY_ALONE:
+            return PayRequested(None)
+        invoice_id = normalize_invoice_ref(rest)
+        if invoice_id is not None:
+            return PayRequested(invoice_id)
+    return None
+
+
+def asks_to_pay(raw_text: str) -> bool:
+    """Whether a customer's message, as received, is a Pay request (see :func:`pay_request`)."""
+    return pay_request(clean_input(raw_text).strip()) is not None
+
+
 def customer_step(
     state: CustomerState,
     event: CustomerEvent,
@@ -103,22 +128,14 @@ def customer_step(
         raise TypeError(f"not a customer event: {event!r}")
 
     text = clean_input(event.text).strip()
+    pay = pay_request(text)
+    if pay is not None:
+        return state, (pay,)
     lowered = text.casefold()
-    # Button ids: "pay_now:<id>" / "view_details:<id>" (copy.py puts the invoice id in every one).
-    if lowered.startswith("pay_now:"):
-        return state, (PayRequested(normalize_invoice_ref(text[len("pay_now:"):])),)
     if lowered.startswith("view_details:"):
         invoice_id = normalize_invoice_ref(text[len("view_details:"):])
         if invoice_id is not None:
             return state, (DetailsRequested(invoice_id),)
-    words = lowered.split()
-    if words and words[0] == "pay":
-        rest = " ".join(words[1:])
-        if rest in _PAY_ALONE:
-            return state, (PayRequested(None),)
-        invoice_id = normalize_invoice_ref(rest)
-        if invoice_id is not None:
-            return state, (PayRequested(invoice_id),)
     # Free text. Within the hint interval there is nothing to say, so skip the lookup too.
     if not _hint_allowed(state, now_ms, hint_interval_ms):
         return state, ()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from quart import Blueprint, Response, request
 
+from ..core.customer import asks_to_pay
 from ..core.model import Channel, Direction
 from ..gateways import sms as at
 from ..observability import get_logger
@@ -70,7 +71,7 @@ async def inbound() -> Response:
         return error(503, "storage unavailable, retry later")
     svc.metrics.messages.labels("SMS", "IN", "inbound" if fresh else "duplicate").inc()
     if fresh:
-        svc.dispatch.kick("session", sms.from_msisdn)
+        svc.dispatch.kick("session", sms.from_msisdn, urgent=asks_to_pay(sms.text or ""))
     return json_response({"status": "ok"})
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from quart import Blueprint, Response, request
 
+from ..core.customer import asks_to_pay
 from ..core.delivery import window_start_ms
 from ..core.model import Channel, Direction
 from ..gateways import whatsapp as wa
@@ -73,16 +74,17 @@ async def receive() -> Response:
         return error(503, "storage unavailable, retry later")
     for event in counts:
         svc.metrics.messages.labels("WHATSAPP", "IN", event).inc()
-    for key in sessions:
-        svc.dispatch.kick("session", key)
+    for key, urgent in sessions.items():
+        svc.dispatch.kick("session", key, urgent=urgent)
     if statuses:
         svc.dispatch.kick("delivery", "statuses")  # applied in groups, whichever message
     return json_response({"status": "ok"})
 
 
-async def _store(tx: Tx, batch: wa.WebhookBatch, now: int) -> tuple[list[str], list[str], list[str]]:
-    """Inbox + message_log for everything new in ``batch``; which keys to kick."""
-    sessions: dict[str, None] = {}
+async def _store(tx: Tx, batch: wa.WebhookBatch, now: int) -> tuple[dict[str, bool], list[str], list[str]]:
+    """Inbox + message_log for everything new in ``batch``; which keys to kick (sessions: and
+    whether urgently, for a Pay request)."""
+    sessions: dict[str, bool] = {}
     statuses: dict[str, None] = {}
     counts: list[str] = []
     for m in batch.messages:
@@ -107,7 +109,7 @@ async def _store(tx: Tx, batch: wa.WebhookBatch, now: int) -> tuple[list[str], l
             log.info("message_without_phone_ignored", kind=m.kind)
         elif m.kind in ACTIONABLE and m.text is not None:
             # The session actor records the opened 24-hour window when it takes the message.
-            sessions[m.from_msisdn] = None
+            sessions[m.from_msisdn] = sessions.get(m.from_msisdn, False) or asks_to_pay(m.text)
         else:
             # Not for the bot, but the customer wrote: their 24-hour window opens all the same.
             await customers.touch_inbound(tx, m.from_msisdn, window_start_ms(m.timestamp_s, now))
@@ -124,4 +126,4 @@ async def _store(tx: Tx, batch: wa.WebhookBatch, now: int) -> tuple[list[str], l
             counts.append("duplicate_status")
             continue
         statuses[s.message_id] = None
-    return list(sessions), list(statuses), counts
+    return sessions, list(statuses), counts
