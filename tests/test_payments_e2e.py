@@ -398,6 +398,9 @@ async def test_during_a_flood_a_callback_goes_before_the_chats_waiting_turns(h: 
         assert (response.status_code, response.json()) == (200, ACK)
         await wait_until(h, lambda: _paid(h), "the callback to be applied")
         assert await chats_done() <= before + 1  # at most the turn admitted as the callback came in
+        # The receipts the callback queued leave through the outbox, urgent too: before the chats.
+        await wait_until(h, lambda: receipts(h, MERCHANT) and receipts(h, CUSTOMER), "both receipts")
+        assert await chats_done() <= before + 3
     assert receipts(h, CUSTOMER) == receipts(h, MERCHANT) == [receipt_text("1001", "2,500", "TKQ4URG12D")]
 
 

@@ -211,6 +211,32 @@ async def test_an_urgent_kick_takes_the_next_turn_once_through_a_busy_door() -> 
     assert order == ["pay", "c", "a", "b", "d", "e", "f", "pay"]
 
 
+async def test_only_as_many_workers_wait_at_a_busy_door_as_turns_are_ready() -> None:
+    """One key ready and sixteen idle workers: one of them queues for admission (the others
+    would each spend an admission to find nothing); a second key sends a second worker."""
+    pressure = Pressure(admit_every_s=60.0)  # nobody is admitted during the test
+    _busy(pressure)
+    handled: list[str] = []
+
+    async def handler(key: str, message: object) -> None:
+        handled.append(key)
+
+    reg: Registry[object] = Registry("statuses", handler, workers=16, pressure=pressure)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(reg.run)
+        reg.kick("statuses")
+        await eventually(lambda: pressure.waiting == 1)
+        for _ in range(20):
+            await anyio.lowlevel.checkpoint()
+        assert pressure.waiting == 1
+        reg.kick("other")
+        await eventually(lambda: pressure.waiting == 2)
+        pressure.rate = pressure.lag_s = 0.0  # calm: both go
+        pressure._admit()
+        await eventually(lambda: sorted(handled) == ["other", "statuses"])
+        tg.cancel_scope.cancel()
+
+
 async def test_kicks_coalesce_and_never_block() -> None:
     runs: list[str] = []
     release = anyio.Event()

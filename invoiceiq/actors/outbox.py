@@ -44,6 +44,8 @@ POLL_MS = 5_000
 # end-to-end bench). Retries this process schedules lower the kept value at once; anything
 # else (another process's retries, leases of a crashed one) is found within this delay.
 NEXT_DUE_TTL_MS = 1_000
+# Sends in flight while the front door is busy (runtime.Pressure): a couple at a time.
+BUSY_IN_FLIGHT = 2
 # outbox.lease_s (default 60 s): far above the HTTP timeout (10 s), so a live sender never
 # loses its claim; a crashed process's claims come back after it.
 UNKNOWN_STATUS_GIVE_UP_MS = 10 * 60_000
@@ -219,14 +221,17 @@ class OutboxActor:
         gauge_at = 0.0
         async with anyio.create_task_group() as senders:
             while not self.stopping.is_set():
-                if self.pressure is not None:
-                    await self.pressure.yield_to_requests()
+                if self.pressure is not None and not (self.pressure.busy and self.in_flight >= BUSY_IN_FLIGHT):
+                    # Urgent: the outbox carries out what turns already decided (receipts, PIN
+                    # prompt notices, replies): during a flood those leave before more is
+                    # decided. Not while its burst allowance is in flight (no turn to take).
+                    await self.pressure.yield_to_requests(urgent=True)
                 now = self.clock.now_ms()
                 channels = self._channels(now)
                 free = self.concurrency - self.in_flight
                 if self.pressure is not None and self.pressure.busy:
                     # A burst at the front door: keep sending, but a couple at a time.
-                    free = min(free, 2 - min(2, self.in_flight))
+                    free = min(free, BUSY_IN_FLIGHT - min(BUSY_IN_FLIGHT, self.in_flight))
                 rows: list[OutboxRow] = []
                 if free > 0 and channels:
                     rows = await self.store.write(lambda tx: outbox.claim_due(

@@ -385,6 +385,7 @@ class Registry(Generic[M]):
         self._actors: dict[str, _Keyed[M]] = {}
         self._ready: deque[str] = deque()
         self._ready_urgent: deque[str] = deque()  # taken before _ready, in order
+        self._at_door = 0  # workers waiting for the front door's admission
         self._work = anyio.Event()
         self._started = False
         self.spawned = 0
@@ -445,11 +446,18 @@ class Registry(Generic[M]):
 
     async def _worker(self) -> None:
         while True:
-            while not (self._ready or self._ready_urgent):
+            # Only as many workers queue at the door as there are turns ready: one key ready
+            # and sixteen workers waiting for it would spend fifteen admissions on nothing.
+            while len(self._ready) + len(self._ready_urgent) <= self._at_door:
                 self._work = anyio.Event() if self._work.is_set() else self._work
                 await self._work.wait()
             if self._pressure is not None and self._pressure.busy:
-                await self._pressure.yield_to_requests(urgent=self._urgent or bool(self._ready_urgent))
+                self._at_door += 1
+                try:
+                    await self._pressure.yield_to_requests(urgent=self._urgent or bool(self._ready_urgent))
+                finally:
+                    self._at_door -= 1
+                    self._work.set()  # a worker held back by this one's place may go now
                 if not (self._ready or self._ready_urgent):
                     continue
             key = (self._ready_urgent or self._ready).popleft()
