@@ -24,6 +24,7 @@ import httpx
 import respx
 from jsonschema import Draft202012Validator
 
+from invoiceiq.actors.runtime import Pressure
 from invoiceiq.clock import Clock
 from invoiceiq.config import Settings, load_settings
 from invoiceiq.daemon import Daemon
@@ -380,17 +381,20 @@ async def until(check: Callable[[], Awaitable[T | None]], what: str, timeout: fl
         raise AssertionError(f"timed out waiting for {what}") from None
 
 
-async def busy_door(h: Handle) -> None:
-    """Make the daemon's front door (runtime.Pressure) busy, as a webhook flood would, once its
-    probe has stopped (a probe still running would re-measure and undo it); the test calms it."""
+@asynccontextmanager
+async def busy_door(h: Handle) -> AsyncIterator[Pressure]:
+    """The daemon's front door (runtime.Pressure) busy, as during a webhook flood, whatever
+    its probe measures meanwhile (the test's own webhooks would otherwise measure calm);
+    calm again on the way out, when everyone waiting goes."""
     pressure = h.daemon.pressure
-
-    async def probe_asleep() -> bool:
-        return pressure._probe_due is None
-
-    await until(probe_asleep, "the door's probe to stop")
-    pressure.rate, pressure.cpu_share = pressure.min_rate * 10, 1.0
+    limits = pressure.min_rate, pressure.max_cpu_share
+    pressure.min_rate = pressure.max_cpu_share = -1.0
     assert pressure.busy
+    try:
+        yield pressure
+    finally:
+        pressure.min_rate, pressure.max_cpu_share = limits
+        pressure._admit()  # the admitter's next tick would too: not waiting for it
 
 
 @asynccontextmanager

@@ -1050,16 +1050,15 @@ async def test_while_webhooks_flood_the_door_a_backlog_moves_one_event_per_turn(
     handled = _record_session_turns(h)
     waiting = 12
     await h.store.write(lambda tx: _merchant_backlog(tx, "wamid.flood", waiting, clock.now_ms()))
-    await busy_door(h)
-    h.daemon.dispatch.kick("session", MERCHANT)
 
     async def all_processed() -> bool:
         return await h.store.read(lambda tx: tx.val(
             "SELECT COUNT(*) FROM inbox WHERE event_id LIKE 'wamid.flood.%' AND processed_at_ms IS NOT NULL")) == waiting
 
-    await until(all_processed, "the backlog to be worked off through the door")
+    async with busy_door(h):
+        h.daemon.dispatch.kick("session", MERCHANT)
+        await until(all_processed, "the backlog to be worked off through the door")
     # One event per turn, each admitted on its own (the last full turn asks for one more,
     # which finds nothing); in slices of 16 it would have been one turn.
     assert set(handled) == {"merchant"} and waiting <= len(handled) <= waiting + 1
     assert pressure.deferred >= waiting - 1
-    pressure.rate = pressure.cpu_share = 0.0

@@ -30,6 +30,7 @@ from harness import (
     MERCHANT,
     PUBLIC_URL,
     SMS_INBOUND,
+    busy_door,
     FakeDaraja,
     FakeProviders,
     Handle,
@@ -356,28 +357,22 @@ async def test_one_line_invoice_tap_push_callback_paid_one_receipt_each(h: Handl
 
 @asynccontextmanager
 async def behind_twenty_waiting_chats(h: Handle) -> AsyncIterator[Callable[[], Awaitable[int]]]:
-    """The front door busy whatever its probe measures (the test's own webhooks would measure
-    calm), and twenty customers' chat turns waiting there (the session workers all queued);
-    yields how many of those chats have been applied. Afterwards the door is calm again and
-    everything settles, every chat applied."""
-    pressure = h.daemon.pressure
-    limits = pressure.min_rate, pressure.max_cpu_share
-    pressure.min_rate = pressure.max_cpu_share = -1.0
-    assert pressure.busy
+    """The front door busy (harness.busy_door) and twenty customers' chat turns waiting there
+    (the session workers all queued); yields how many of those chats have been applied.
+    Afterwards the door is calm again and everything settles, every chat applied."""
     chatters = [f"25472200{n:04d}" for n in range(20)]
-    for msisdn in chatters:
-        await h.say(msisdn, "hello")
-    await wait_until(h, lambda: pressure.waiting >= 16, "the session workers to queue at the door")
 
     async def chats_done() -> int:
         return int(await val(h, "SELECT COUNT(*) FROM inbox WHERE actor = 'session' AND processed_at_ms IS NOT NULL"
                                 f" AND actor_key IN ({', '.join(repr(m) for m in chatters)})"))
 
-    yield chats_done
-    assert pressure.busy
-    pressure.min_rate, pressure.max_cpu_share = limits  # the flood is over: everyone waiting goes
-    pressure._admit()
-    await settle(h)
+    async with busy_door(h) as pressure:
+        for msisdn in chatters:
+            await h.say(msisdn, "hello")
+        await wait_until(h, lambda: pressure.waiting >= 16, "the session workers to queue at the door")
+        yield chats_done
+        assert pressure.busy
+    await settle(h)  # the flood is over: everyone waiting went
     assert await chats_done() == len(chatters)
 
 

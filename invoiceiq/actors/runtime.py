@@ -155,9 +155,9 @@ class Pressure:
     While busy, background workers (keyed actors, the outbox) calling ``yield_to_requests``
     are admitted one at a time, one every ``admit_every_s``: the follow-up (replies, sends)
     keeps moving at a bounded rate and never starves, and the inbox and the outbox keep it
-    safe meanwhile. Urgent waiters (the payment actors: a customer may be holding the phone,
-    waiting for the PIN prompt or the receipt) go before the others; each kind is first come
-    first served. When the door is calm again everyone waiting goes at once. One timer
+    safe meanwhile. Urgent waiters (the payment actors, the outbox, the chat turn of a Pay
+    request: a customer may be holding the phone, waiting for the PIN prompt or the receipt)
+    go before the others; each kind is first come first served. When the door is calm again everyone waiting goes at once. One timer
     serves all the waiters (a poll per worker cost a few percent of the CPU during exactly
     the bursts this protects).
 
@@ -457,7 +457,8 @@ class Registry(Generic[M]):
                     await self._pressure.yield_to_requests(urgent=self._urgent or bool(self._ready_urgent))
                 finally:
                     self._at_door -= 1
-                    self._work.set()  # a worker held back by this one's place may go now
+                    if len(self._ready) + len(self._ready_urgent) > self._at_door:
+                        self._work.set()  # a worker held back by this place may go now (a cancel)
                 if not (self._ready or self._ready_urgent):
                     continue
             key = (self._ready_urgent or self._ready).popleft()
