@@ -363,9 +363,9 @@ class Registry(Generic[M]):
     * ``send`` waits while the key's mailbox holds ``mailbox_size`` messages (backpressure,
       never a dropped message); ``kick`` is a coalesced, non-blocking wake-up for actors
       whose real mail is in the database (several kicks before the handler runs are one);
-    * during a burst at the front door each turn waits for ``pressure``'s admission, before
-      other background work when ``urgent`` (every turn of this registry) or when the key's
-      kick was (``kick(key, urgent=True)``: its next turn only, in a line taken first).
+    * during a burst at the front door each turn waits for ``pressure``'s admission; urgent
+      turns (in a line taken first, and admitted before other background work) are every
+      turn of an ``urgent`` registry, or a key's next turn after ``kick(key, urgent=True)``.
     """
 
     def __init__(self, name: str, handler: Handler[M], *, mailbox_size: int = 16, workers: int = 16,
@@ -434,6 +434,7 @@ class Registry(Generic[M]):
         actor = self._actors.get(key)
         if actor is None:
             actor = self._actors[key] = _Keyed(key)
+            actor.urgent = self._urgent
             actor.idle_since = anyio.current_time()
             self.spawned += 1
         return actor
@@ -454,7 +455,7 @@ class Registry(Generic[M]):
             if self._pressure is not None and self._pressure.busy:
                 self._at_door += 1
                 try:
-                    await self._pressure.yield_to_requests(urgent=self._urgent or bool(self._ready_urgent))
+                    await self._pressure.yield_to_requests(urgent=bool(self._ready_urgent))
                 finally:
                     self._at_door -= 1
                     if len(self._ready) + len(self._ready_urgent) > self._at_door:
@@ -469,7 +470,7 @@ class Registry(Generic[M]):
             if not actor.has_work:
                 continue
             actor.running = True
-            actor.urgent = False  # one turn ahead per urgent kick: a flood of them stays in line
+            actor.urgent = self._urgent  # one turn ahead per urgent kick: a flood of them stays in line
             try:
                 if actor.mail:
                     message = actor.mail.popleft()
