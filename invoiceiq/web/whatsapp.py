@@ -74,17 +74,20 @@ async def receive() -> Response:
         return error(503, "storage unavailable, retry later")
     for event in counts:
         svc.metrics.messages.labels("WHATSAPP", "IN", event).inc()
-    for key, urgent in sessions.items():
-        svc.dispatch.kick("session", key, urgent=urgent)
+    if sessions:
+        # A Pay request goes ahead of the chat during a flood (runtime.Pressure); asked here,
+        # after the commit, not inside the writer's group.
+        paying = {m.from_msisdn for m in batch.messages if m.text is not None and asks_to_pay(m.text)}
+        for key in sessions:
+            svc.dispatch.kick("session", key, urgent=key in paying)
     if statuses:
         svc.dispatch.kick("delivery", "statuses")  # applied in groups, whichever message
     return json_response({"status": "ok"})
 
 
-async def _store(tx: Tx, batch: wa.WebhookBatch, now: int) -> tuple[dict[str, bool], list[str], list[str]]:
-    """Inbox + message_log for everything new in ``batch``; which keys to kick (sessions: and
-    whether urgently, for a Pay request)."""
-    sessions: dict[str, bool] = {}
+async def _store(tx: Tx, batch: wa.WebhookBatch, now: int) -> tuple[list[str], list[str], list[str]]:
+    """Inbox + message_log for everything new in ``batch``; which keys to kick."""
+    sessions: dict[str, None] = {}
     statuses: dict[str, None] = {}
     counts: list[str] = []
     for m in batch.messages:
@@ -109,7 +112,7 @@ async def _store(tx: Tx, batch: wa.WebhookBatch, now: int) -> tuple[dict[str, bo
             log.info("message_without_phone_ignored", kind=m.kind)
         elif m.kind in ACTIONABLE and m.text is not None:
             # The session actor records the opened 24-hour window when it takes the message.
-            sessions[m.from_msisdn] = sessions.get(m.from_msisdn, False) or asks_to_pay(m.text)
+            sessions[m.from_msisdn] = None
         else:
             # Not for the bot, but the customer wrote: their 24-hour window opens all the same.
             await customers.touch_inbound(tx, m.from_msisdn, window_start_ms(m.timestamp_s, now))
@@ -126,4 +129,4 @@ async def _store(tx: Tx, batch: wa.WebhookBatch, now: int) -> tuple[dict[str, bo
             counts.append("duplicate_status")
             continue
         statuses[s.message_id] = None
-    return sessions, list(statuses), counts
+    return list(sessions), list(statuses), counts
