@@ -54,6 +54,9 @@ from .web.context import Services
 
 log = get_logger(__name__)
 
+# Provider connections kept beyond the outbox's sends in flight (``_make_http``).
+PAYMENT_CONNECTIONS = 32
+
 
 class BindError(Exception):
     """The listening address is taken or not ours: told in one line, like a config error."""
@@ -219,7 +222,7 @@ class Daemon:
                 created, sent, paid = await self.store.scan(invoices.totals)
                 self.metrics.set_totals(created, sent, paid)
                 owns_http = self._http is None
-                http = self._http or _make_http()
+                http = self._http or _make_http(self.settings.outbox.max_in_flight)
                 try:
                     await self._run_services(http, sockets, hypercorn_config)
                 finally:
@@ -419,10 +422,12 @@ class Daemon:
             await anyio.sleep(interval)
 
 
-def _make_http() -> httpx.AsyncClient:
+def _make_http(sends_in_flight: int) -> httpx.AsyncClient:
     from .gateways.http import make_client
 
-    return make_client()
+    # Room beyond the outbox's sends for the payment actors' calls (16 workers: STK Push,
+    # status queries, OAuth tokens), so that a full outbox never makes a payment wait.
+    return make_client(max_connections=sends_in_flight + PAYMENT_CONNECTIONS)
 
 
 def _version() -> str:

@@ -105,7 +105,7 @@ def test_defaults_without_file_or_env() -> None:
     assert (s.mpesa.push_min_interval_s, s.mpesa.push_limit, s.mpesa.push_window_s) == (60, 3, 600)
     assert s.mpesa.callback_allow_ips == ()
     assert dataclasses.astuple(s.chat) == (300, 900, 30, 3600, 3600)
-    assert dataclasses.astuple(s.outbox) == (10, 2, 600, 0, 60)
+    assert dataclasses.astuple(s.outbox) == (10, 2, 600, 0, 60, 96)
     assert s.metrics.token == ""
     assert s.log.level == "info"
     assert (s.sandbox.latency_ms, s.sandbox.customer_msisdn) == (0, "254712345678")
@@ -474,6 +474,7 @@ FILE_CASES = [
         "config: outbox.backoff_max_s: must be at least outbox.backoff_base_s",
     ),
     ("[outbox]\nmax_attempts = 0", "config: outbox.max_attempts: must be a positive integer"),
+    ("[outbox]\nmax_in_flight = 0", "config: outbox.max_in_flight: must be between 1 and 1000"),
     ('[log]\nlevel = "verbose"', 'config: log.level: must be "debug", "info", "warning" or "error"'),
     ('mode = "production"', 'config: mode: must be "sandbox" or "live"'),
     ("mode = true", "config: mode: must be a string"),

@@ -866,3 +866,70 @@ async def test_a_retry_scheduled_while_the_next_due_time_is_read_is_not_hidden_b
     assert await actor._next_due(now, channels) == retry_at  # and this answer is kept
     assert Reader.reads == 2
 
+
+
+async def test_no_more_sends_are_in_flight_than_outbox_max_in_flight(database_url: str, clock: ManualClock) -> None:
+    """``outbox.max_in_flight`` is how many sends wait on the provider at once: with the Graph
+    API holding every answer, eight queued sends to eight recipients reach it three at a time
+    (not one, not all eight), and all eight go out once it answers."""
+    from invoiceiq.daemon import Daemon
+    from harness import serving
+
+    held = anyio.Event()
+    seen: list[str] = []
+    state = {"now": 0, "peak": 0}
+
+    async def graph(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        state["now"] += 1
+        state["peak"] = max(state["peak"], state["now"])
+        try:
+            await held.wait()
+        finally:
+            state["now"] -= 1
+        seen.append(body["to"])
+        return httpx.Response(200, json={"messaging_product": "whatsapp", "contacts": [],
+                                         "messages": [{"id": f"wamid.H{len(seen)}"}]})
+
+    recipients = [f"2547123460{n:02d}" for n in range(8)]
+    async with httpx.AsyncClient(transport=httpx.MockTransport(graph)) as http:
+        daemon = Daemon(make_settings(database_url, INVOICEIQ_OUTBOX_MAX_IN_FLIGHT="3"), clock=clock, http=http)
+        async with serving(daemon):
+            now = clock.now_ms()
+
+            async def queue(tx: Tx) -> None:
+                for to in recipients:
+                    await outbox.enqueue(tx, recipient=to, channel=Channel.WHATSAPP, kind="reply", now_ms=now,
+                                         content=delivery.reply_content(copy.Reply("hello")))
+
+            await daemon.store.write(queue)
+            daemon.dispatch.wake("outbox")
+            await until(lambda: _at(state, 3), "three sends waiting on the provider")
+            # The outbox claims as many rows as it has free slots in one statement, before
+            # the sends start: had the limit not held, all eight would be claimed already.
+            claimed = await daemon.store.read(lambda tx: tx.all(
+                "SELECT status, COUNT(*) AS n FROM outbox GROUP BY status ORDER BY status"))
+            assert [(r["status"], r["n"]) for r in claimed] == [("PENDING", 5), ("SENDING", 3)]
+            assert state["peak"] == 3
+            held.set()
+            await until(lambda: _at_len(seen, 8), "all eight sends")
+    assert sorted(seen) == recipients and state["peak"] == 3
+
+
+async def _at(state: dict[str, int], n: int) -> bool:
+    return state["now"] >= n
+
+
+async def _at_len(items: list[str], n: int) -> bool:
+    return len(items) >= n
+
+
+def test_the_daemons_provider_client_has_a_connection_for_every_send_and_the_payments() -> None:
+    """Fewer pooled connections than sends in flight would cap the outbox below its setting
+    silently (the extra sends queue for a connection, their time counting against their
+    timeout): the daemon's client holds ``max_in_flight`` plus room for the payment calls."""
+    from invoiceiq.daemon import PAYMENT_CONNECTIONS, _make_http
+
+    http = _make_http(7)
+    pool = http._transport._pool  # type: ignore[attr-defined]
+    assert pool._max_connections == pool._max_keepalive_connections == 7 + PAYMENT_CONNECTIONS

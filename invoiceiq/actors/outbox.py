@@ -177,7 +177,7 @@ class Outbox:
 
 class OutboxActor:
     def __init__(self, *, core: Outbox, whatsapp: WhatsAppClient | None, sms: AfricasTalkingClient | None,
-                 stopping: anyio.Event, worker_id: str, concurrency: int = 32,
+                 stopping: anyio.Event, worker_id: str,
                  pressure: Pressure | None = None) -> None:
         self.core = core
         self.store = core.store
@@ -188,7 +188,7 @@ class OutboxActor:
         core.sms_configured = sms is not None
         self.stopping = stopping
         self.worker_id = worker_id
-        self.concurrency = concurrency
+        self.concurrency = core.settings.outbox.max_in_flight
         self.lease_ms = core.settings.outbox.lease_s * 1000
         self.pressure = pressure
         self.waker = Waker()

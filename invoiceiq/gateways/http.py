@@ -181,11 +181,16 @@ async def request(
         raise TransientError(provider, "timeout", "TotalTimeout", maybe_processed=True) from exc
 
 
-def make_client(timeout_s: float = 10.0) -> httpx.AsyncClient:
-    """The one AsyncClient the daemon shares between gateways (tests pass their own)."""
+def make_client(timeout_s: float = 10.0, max_connections: int = 50) -> httpx.AsyncClient:
+    """The one AsyncClient the daemon shares between gateways (tests pass their own).
+
+    ``max_connections`` covers everything in flight at once: the outbox's sends plus the
+    payment actors' calls; a request over it waits for a connection.
+    """
     # Every connection opened is kept alive for reuse: with fewer kept than sends in flight,
     # each send over the limit would reconnect.
-    limits = httpx.Limits(max_connections=50, max_keepalive_connections=50, keepalive_expiry=30.0)
+    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
+                          keepalive_expiry=30.0)
     return httpx.AsyncClient(
         # Connecting should be quick; a provider that can't accept a connection in a few
         # seconds is down, and a short connect timeout fails the safe (unsent) way sooner.
