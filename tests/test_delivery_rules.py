@@ -296,6 +296,24 @@ def test_a_permanent_failure_never_retries() -> None:
     assert decide(ErrorKind.PERMANENT, channel=Channel.SMS, attempts=1) == Decision(Outcome.FAIL)
 
 
+def test_a_throttled_account_holds_the_channel_longer_each_time_and_never_falls_back() -> None:
+    def hold(holds: int, *, attempts: int = 1, retry_after_s: int | None = None, channel: Channel = Channel.WHATSAPP,
+             can_fallback: bool = True) -> Decision:
+        return delivery.after_failure(ErrorKind.THROTTLED, channel=channel, attempts=attempts, max_attempts=10,
+                                      can_fallback=can_fallback, retry_after_s=retry_after_s, base_s=2, max_s=600,
+                                      jitter=0.5, holds_in_a_row=holds)
+
+    assert [hold(n).delay_ms for n in (1, 2, 3, 6, 7, 8, 1000)] == [
+        1_000, 2_000, 4_000, 32_000, 60_000, 60_000, 60_000]
+    # However many attempts: the account's limit says nothing about the message or the person.
+    for attempts in (1, 10, 11):
+        for channel in Channel:
+            assert hold(1, attempts=attempts, channel=channel) == Decision(Outcome.HOLD, 1_000)
+    assert hold(1, retry_after_s=30) == Decision(Outcome.HOLD, 30_000)
+    assert hold(7, retry_after_s=30) == Decision(Outcome.HOLD, 60_000)
+    assert hold(1, retry_after_s=300) == Decision(Outcome.HOLD, 300_000)  # Retry-After is never cut short
+
+
 def test_an_auth_failure_pauses_the_channel_whatever_the_attempts() -> None:
     for attempts in (1, 10, 50):
         for channel in Channel:

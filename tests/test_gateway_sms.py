@@ -12,7 +12,7 @@ from conftest import PROVIDERS
 from hypothesis import given
 from hypothesis import strategies as st
 
-from invoiceiq.gateways.http import AuthError, GatewayError, PermanentError, TransientError
+from invoiceiq.gateways.http import AuthError, GatewayError, PermanentError, RateLimited, TransientError
 from invoiceiq.gateways.sms import (
     AfricasTalkingClient,
     DeliveryReport,
@@ -173,7 +173,7 @@ async def test_auth_error_sample(at: respx.MockRouter, client: AfricasTalkingCli
     [
         (httpx.Response(500, text="Internal Server Error"), TransientError, "500"),
         (httpx.Response(503), TransientError, "503"),
-        (httpx.Response(429, headers={"Retry-After": "12"}), TransientError, "429"),
+        (httpx.Response(429, headers={"Retry-After": "12"}), RateLimited, "429"),
         (httpx.Response(400, text="Invalid request"), PermanentError, "400"),
         (
             httpx.Response(201, json={"SMSMessageData": {"Message": "InvalidSenderId", "Recipients": []}}),
@@ -202,9 +202,9 @@ async def test_other_outcomes(
     at["send"].mock(return_value=resp)
     with pytest.raises(cls) as info:
         await client.send("254712345678", "hi")
-    assert info.value.code == code
+    assert info.value.code == code and type(info.value) is cls
     if code == "429":
-        assert isinstance(info.value, TransientError) and info.value.retry_after_s == 12
+        assert info.value.retry_after_s == 12
 
 
 @pytest.mark.anyio

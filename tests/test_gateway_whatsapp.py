@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from invoiceiq.core.model import Button
-from invoiceiq.gateways.http import AuthError, GatewayError, PermanentError, TransientError
+from invoiceiq.gateways.http import AuthError, GatewayError, PermanentError, RateLimited, TransientError
 from invoiceiq.gateways.whatsapp import (
     InboundMessage,
     SentMessage,
@@ -182,7 +182,7 @@ EXPECTED_CLASS: dict[str, type[GatewayError]] = {
     "131026": PermanentError,
     "131047": PermanentError,
     "131056": TransientError,
-    "130429": TransientError,
+    "130429": RateLimited,
     "132001": PermanentError,
     "190": AuthError,
     "131000": TransientError,
@@ -201,6 +201,7 @@ async def test_error_samples_map_by_code(graph: respx.MockRouter, client: WhatsA
     with pytest.raises(EXPECTED_CLASS[code]) as info:
         await client.send_text(TO, "hi")
     err = info.value
+    assert type(err) is EXPECTED_CLASS[code]  # not a subclass: RateLimited holds the channel
     assert (err.provider, err.code, err.http_status) == ("whatsapp", code, sample["http_status"])
     assert err.reason == sample["body"]["error"]["message"][:200]
     assert TOKEN not in str(err) and TOKEN not in repr(err)
@@ -213,8 +214,10 @@ def graph_error(code: int, status: int = 400, **extra: Any) -> httpx.Response:
 @pytest.mark.parametrize(
     ("response", "cls", "code"),
     [
-        (graph_error(4), TransientError, "4"),
-        (graph_error(80007), TransientError, "80007"),
+        # The app's and the number's throughput limits hold back every send, not only this one:
+        (graph_error(4), RateLimited, "4"),
+        (graph_error(80007), RateLimited, "80007"),
+        (graph_error(130429), RateLimited, "130429"),
         (graph_error(131048), TransientError, "131048"),
         (graph_error(1, 500), TransientError, "1"),
         (graph_error(2, 503), TransientError, "2"),
@@ -236,7 +239,7 @@ def graph_error(code: int, status: int = 400, **extra: Any) -> httpx.Response:
         (httpx.Response(401, text="Unauthorized"), AuthError, "401"),
         (httpx.Response(503, text="<html>Service Unavailable</html>"), TransientError, "503"),
         (httpx.Response(502, content=b"\xff\xfe not json"), TransientError, "502"),
-        (httpx.Response(429), TransientError, "429"),
+        (httpx.Response(429), RateLimited, "429"),
         (httpx.Response(418, json=[1, 2]), PermanentError, "418"),
         (httpx.Response(400, json={"error": "string"}), PermanentError, "400"),
         (httpx.Response(400, json={"error": {"code": "131056"}}), TransientError, "131056"),
@@ -255,6 +258,7 @@ async def test_error_mapping_table(
     with pytest.raises(cls) as info:
         await client.send_text(TO, "hi")
     assert info.value.code == code
+    assert type(info.value) is cls  # one recipient too fast (131056) is not the account's limit
 
 
 @pytest.mark.anyio

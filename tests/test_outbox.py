@@ -284,17 +284,19 @@ async def test_transient_failures_back_off_exponentially_with_jitter_and_nothing
 
 async def test_retry_after_is_honoured_over_the_shorter_backoff(
         h: Handle, providers: Scripted, clock: ManualClock) -> None:
-    # A customer reached by SMS (not on WhatsApp), and Africa's Talking throttling with Retry-After.
+    # A customer reached by SMS (not on WhatsApp), and Africa's Talking throttling with
+    # Retry-After: the SMS channel holds that long (not our one second), no attempt spent.
     providers.wa_fail_for[CUSTOMER] = NOT_ON_WHATSAPP
     providers.sms_script[CUSTOMER] = [(429, "Too Many Requests", {"Retry-After": "300",
                                                                    "Content-Type": "text/plain"})]
     created = await new_invoice(h)
-    row = await wait_invoice_row(h, "1001", "the throttled SMS", channel="SMS", status="PENDING", attempts=1)
-    assert row["next_attempt_at_ms"] == START + 300_000  # not our 2 s backoff
-    assert row["last_error"] == "429: Too Many Requests"
+    row = await wait_invoice_row(h, "1001", "the throttled SMS", channel="SMS", status="PENDING",
+                                 last_error="429: Too Many Requests")
+    assert row["next_attempt_at_ms"] == START + 300_000
+    assert row["attempts"] == 0
     clock.set(START + 299_999)
     await outbox_pass(h)
-    assert (await invoice_row(h, "1001", "SMS"))["attempts"] == 1
+    assert (await invoice_row(h, "1001", "SMS"))["attempts"] == 0
     assert [s for s in providers.sent if s.kind == "sms"] == []
     clock.set(START + 300_000)
     await h.wait_for_texts(MERCHANT, 2)
@@ -335,6 +337,65 @@ async def test_transient_failures_until_the_last_attempt_then_the_sms_fallback(
         assert events.count(("WHATSAPP", "fallback")) == 1
         invoice = (await h.client.get("/invoices/1001", headers=AUTH)).json()
         assert (invoice["status"], invoice["channel"]) == ("SENT", "SMS")
+
+
+async def test_meta_throttling_holds_the_whole_channel_without_spending_attempts_or_falling_back(
+        database_url: str, providers: Scripted, clock: ManualClock) -> None:
+    """130429 (the business number's throughput reached) is the account's limit, not the
+    message's: WhatsApp holds for everyone (1 s, then 2 s while Meta keeps refusing, back to
+    1 s after a send goes through), no attempt is spent and no SMS goes out, however many
+    refusals (with two attempts allowed, the second would otherwise fall back to SMS)."""
+    providers.wa_script[CUSTOMER] = [wa_error("130429"), wa_error("130429")]
+    providers.wa_script[OTHER] = [wa_error("130429")]
+    settings = make_settings(database_url, INVOICEIQ_OUTBOX_MAX_ATTEMPTS="2")
+    async with running_daemon(settings, providers=providers, clock=clock) as h:
+        await new_invoice(h)
+        row = await wait_invoice_row(h, "1001", "the first refusal", status="PENDING",
+                                     last_error="130429: (#130429) Rate limit hit")
+        assert (row["attempts"], row["next_attempt_at_ms"]) == (0, START + 1_000)
+        # Someone else's message waits for the hold too: nothing leaves on WhatsApp.
+        await queue_reply(h, OTHER, "hello")
+        await outbox_pass(h, Channel.SMS)
+        assert providers.attempts_to(OTHER) == []
+        clock.set(START + 1_000)  # both go, Meta refuses both: one hold (of 2 s), not two
+        await until(lambda: refused_rows(h, 2), "both refused again")
+        assert [(r["attempts"], r["next_attempt_at_ms"]) for r in await rows(h, "status = 'PENDING'")] == [
+            (0, START + 3_000), (0, START + 3_000)]
+        clock.set(START + 2_999)
+        await outbox_pass(h, Channel.SMS)
+        assert len(providers.attempts_to(CUSTOMER, "WHATSAPP")) == 2 and len(providers.attempts_to(OTHER)) == 1
+        clock.set(START + 3_000)
+        await h.wait_for_texts(MERCHANT, 1)
+        await h.wait_for_texts(OTHER, 1)
+        sent = await invoice_row(h, "1001")
+        assert (sent["status"], sent["attempts"]) == ("SENT", 1)
+        assert providers.attempts_to(CUSTOMER) == [START, START + 1_000, START + 3_000]
+        assert providers.attempts_to(OTHER) == [START + 1_000, START + 3_000]
+        assert providers.attempts_to(CUSTOMER, "SMS") == [] and providers.attempts_to(OTHER, "SMS") == []
+        assert h.daemon.metrics.messages.labels("WHATSAPP", "OUT", "throttled")._value.get() == 2
+        # A send went through: the next refusal holds for one second again, not four.
+        await settle(h)
+        providers.wa_script[OTHER] = [wa_error("130429")]
+        await queue_reply(h, OTHER, "again")
+        await until(lambda: refused_rows(h, 1), "the refusal after the hold")
+        (again,) = await rows(h, "status = 'PENDING'")
+        assert (again["attempts"], again["next_attempt_at_ms"]) == (0, START + 4_000)
+
+
+async def queue_reply(h: Handle, to: str, text: str) -> None:
+    now = h.daemon.clock.now_ms()
+    await h.store.write(lambda tx: outbox.enqueue(
+        tx, recipient=to, channel=Channel.WHATSAPP, kind="reply", now_ms=now,
+        content=delivery.reply_content(copy.Reply(text))))
+    h.daemon.dispatch.wake("outbox")
+
+
+async def refused_rows(h: Handle, n: int) -> bool:
+    """``n`` rows waiting after a refusal at the clock's current time."""
+    now = h.daemon.clock.now_ms()
+    found = await q(h, "SELECT COUNT(*) AS n FROM outbox WHERE status = 'PENDING' AND updated_at_ms = :now"
+                       " AND last_error LIKE '130429%'", {"now": now})
+    return int(found[0]["n"]) == n
 
 
 @pytest.mark.parametrize("code", ["132001", "100", "131030"])

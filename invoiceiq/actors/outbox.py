@@ -23,7 +23,7 @@ import anyio
 from ..clock import Clock
 from ..core import copy, delivery
 from ..core.model import Channel, Direction, Invoice, InvoiceStatus
-from ..gateways.http import AuthError, GatewayError, TransientError
+from ..gateways.http import AuthError, GatewayError, RateLimited, TransientError
 from ..observability import Metrics, get_logger
 from ..store import Store, Tx, customers, inbox, invoices, messages, outbox
 from ..store.inbox import InboxEvent
@@ -195,6 +195,9 @@ class OutboxActor:
         self.in_flight = 0
         self._paused_until: dict[Channel, int] = {}
         self.channel_problems: dict[Channel, str] = {}
+        # Holds in a row per throttled channel (the provider refused again after the last
+        # one ended); back to none with the channel's next accepted send.
+        self._holds: dict[Channel, int] = {}
         # The earliest future due time as last read: (value, read at, for which channels), and
         # how many retries this process has scheduled (a read that overlaps one is not kept).
         self._due: tuple[int | None, int, tuple[Channel, ...]] | None = None
@@ -309,6 +312,7 @@ class OutboxActor:
             self.waker.wake()
             return
         self.channel_problems.pop(row.channel, None)
+        self._holds.pop(row.channel, None)
         await self.store.write(lambda tx: self.core.accepted(tx, row, provider_id, rendered.form, after))
         self.core.observe(after)
         log.info("message_sent", outbox_id=row.id, channel=row.channel.value, kind=row.kind,
@@ -366,18 +370,34 @@ class OutboxActor:
         # like broken credentials it pauses the channel and raises an alert.
         out_of_credit = exc.provider == "africastalking" and exc.code == "405"
         kind = (delivery.ErrorKind.AUTH if isinstance(exc, AuthError) or out_of_credit
+                else delivery.ErrorKind.THROTTLED if isinstance(exc, RateLimited)
                 else delivery.ErrorKind.TRANSIENT if isinstance(exc, TransientError)
                 else delivery.ErrorKind.PERMANENT)
         retry_after = exc.retry_after_s if isinstance(exc, TransientError) else None
+        now = self.clock.now_ms()
+        # A refusal of a send that left before the channel's hold began belongs to that
+        # hold; only a refusal after it ended makes the next one longer.
+        held_until = self._paused_until.get(row.channel, 0)
+        new_hold = kind is delivery.ErrorKind.THROTTLED and held_until <= now
+        holds = self._holds.get(row.channel, 0) + int(new_hold)
         decision = delivery.after_failure(
             kind, channel=row.channel, attempts=row.attempts, max_attempts=self.settings.outbox.max_attempts,
             can_fallback=self.sms is not None, retry_after_s=retry_after,
             base_s=self.settings.outbox.backoff_base_s, max_s=self.settings.outbox.backoff_max_s,
-            jitter=random.random())
+            jitter=random.random(), holds_in_a_row=max(1, holds))
         reason = f"{exc.code}: {exc.reason}"
-        now = self.clock.now_ms()
         after = _After()
-        if decision.outcome is delivery.Outcome.PAUSE:
+        if decision.outcome is delivery.Outcome.HOLD:
+            until = max(held_until, now + decision.delay_ms)
+            if new_hold:
+                self._holds[row.channel] = holds
+                self._paused_until[row.channel] = until
+                self.core.metrics.messages.labels(row.channel.value, Direction.OUT.value, "throttled").inc()
+                log.warning("channel_throttled", channel=row.channel.value, code=exc.code,
+                            hold_ms=until - now, holds_in_a_row=holds)
+            await self.store.write(lambda tx: outbox.mark_retry(tx, row.id, reason, until, now, refund_attempt=True))
+            self._due_at(until)
+        elif decision.outcome is delivery.Outcome.PAUSE:
             self._paused_until[row.channel] = now + decision.delay_ms
             self.channel_problems[row.channel] = (
                 "account out of credit (405)" if out_of_credit else f"credentials rejected ({exc.code})")

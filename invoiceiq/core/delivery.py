@@ -98,16 +98,23 @@ def sms_from_content(content: dict[str, Any]) -> str:
 
 
 class ErrorKind(StrEnum):
-    TRANSIENT = "transient"   # network, timeouts, 5xx, throttling: try again later
+    TRANSIENT = "transient"   # network, timeouts, 5xx, one recipient too fast: try again later
     PERMANENT = "permanent"   # this message cannot go this way: fall back or fail
     AUTH = "auth"             # our credentials are broken: pause the channel, not the message
+    THROTTLED = "throttled"   # the account's throughput limit: the channel slows down
 
 
 class Outcome(StrEnum):
     RETRY = "retry"
     FALLBACK = "fallback"
     FAIL = "fail"
-    PAUSE = "pause"
+    PAUSE = "pause"  # the channel stops until its credentials work again (an alert)
+    HOLD = "hold"    # the channel waits ``delay_ms``; the message keeps its attempt
+
+
+# A throttled channel waits 1 s, then 2, 4... up to a minute while the provider keeps refusing.
+HOLD_FIRST_MS = 1_000
+HOLD_MAX_MS = 60_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +134,15 @@ def retry_delay_ms(attempts: int, *, base_s: int, max_s: int, retry_after_s: int
     return spread
 
 
+def hold_delay_ms(holds_in_a_row: int, retry_after_s: int | None) -> int:
+    """How long a throttled channel waits: doubling with each hold the provider answered
+    with another refusal (``holds_in_a_row``, 1 for the first), never less than its Retry-After."""
+    delay = min(HOLD_MAX_MS, HOLD_FIRST_MS * 2 ** min(16, max(0, holds_in_a_row - 1)))
+    if retry_after_s is not None:
+        delay = max(delay, retry_after_s * 1000)
+    return delay
+
+
 def after_failure(
     kind: ErrorKind,
     *,
@@ -139,9 +155,14 @@ def after_failure(
     max_s: int,
     jitter: float,
     pause_ms: int = 60_000,
+    holds_in_a_row: int = 1,
 ) -> Decision:
     if kind is ErrorKind.AUTH:
         return Decision(Outcome.PAUSE, pause_ms)
+    if kind is ErrorKind.THROTTLED:
+        # Not the message's fault, nor a sign that the channel cannot reach the person: no
+        # attempt spent, no fallback, however long the provider keeps the account throttled.
+        return Decision(Outcome.HOLD, hold_delay_ms(holds_in_a_row, retry_after_s))
     if kind is ErrorKind.TRANSIENT and attempts < max_attempts:
         return Decision(Outcome.RETRY, retry_delay_ms(
             attempts, base_s=base_s, max_s=max_s, retry_after_s=retry_after_s, jitter=jitter))

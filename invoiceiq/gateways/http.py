@@ -92,6 +92,11 @@ class TransientError(GatewayError):
         self.maybe_processed = maybe_processed
 
 
+class RateLimited(TransientError):
+    """The provider refused for the account's (or the app's) throughput, not for this
+    message: everything sent through that account should wait, not only this one."""
+
+
 class PermanentError(GatewayError):
     """Do not retry this message: invalid parameter, undeliverable, outside the window, blacklisted..."""
 

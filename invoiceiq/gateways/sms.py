@@ -16,6 +16,7 @@ from invoiceiq.gateways.http import (
     AuthError,
     GatewayError,
     PermanentError,
+    RateLimited,
     TransientError,
     as_mapping,
     json_body,
@@ -191,7 +192,7 @@ class AfricasTalkingClient:
         if status == 401:
             return AuthError(PROVIDER, status, reason, http_status=status)
         if status == 429 or status >= 500:
-            return TransientError(
+            return (RateLimited if status == 429 else TransientError)(
                 PROVIDER,
                 status,
                 reason,

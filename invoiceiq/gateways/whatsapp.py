@@ -19,6 +19,7 @@ from invoiceiq.gateways.http import (
     AuthError,
     GatewayError,
     PermanentError,
+    RateLimited,
     TransientError,
     as_mapping,
     json_body,
@@ -41,7 +42,10 @@ HEADER_FOOTER_MAX = 60
 # Graph error codes by what the caller should do (whatsapp.md §3.5). Meta says to key on
 # `error.code`, not on the HTTP status: throttling, for one, arrives as HTTP 400.
 _AUTH_CODES = frozenset({0, 3, 10, 190, *range(200, 300)})
-_TRANSIENT_CODES = frozenset({1, 2, 4, 80007, 130429, 131000, 131048, 131056})
+_TRANSIENT_CODES = frozenset({1, 2, 131000, 131048, 131056})
+# The app's or the business number's call and throughput limits (4, 80007, 130429): the whole
+# account is refused, whoever the message is for (131056, one recipient too fast, is not).
+_RATE_LIMIT_CODES = frozenset({4, 80007, 130429})
 _PERMANENT_CODES = frozenset({100, 131008, 131009, 131026, 131030, 131047, 131049, 132000, 132001, 132012})
 
 
@@ -221,6 +225,8 @@ def classify_error(response: httpx.Response, *, now: int) -> GatewayError:
     if code is not None:
         if code in _AUTH_CODES:
             return AuthError(PROVIDER, code, reason, http_status=status)
+        if code in _RATE_LIMIT_CODES:
+            return RateLimited(PROVIDER, code, reason, http_status=status, retry_after_s=retry_after)
         if code in _TRANSIENT_CODES:
             return transient(code)
         if code in _PERMANENT_CODES:
@@ -228,7 +234,9 @@ def classify_error(response: httpx.Response, *, now: int) -> GatewayError:
     label = code if code is not None else status
     if status == 401:
         return AuthError(PROVIDER, label, reason, http_status=status)
-    if status == 429 or status >= 500 or error.get("is_transient") is True:
+    if status == 429:
+        return RateLimited(PROVIDER, label, reason, http_status=status, retry_after_s=retry_after)
+    if status >= 500 or error.get("is_transient") is True:
         return transient(label)
     return PermanentError(PROVIDER, label, reason, http_status=status)
 
