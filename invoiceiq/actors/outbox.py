@@ -388,10 +388,10 @@ class OutboxActor:
         reason = f"{exc.code}: {exc.reason}"
         after = _After()
         if decision.outcome is delivery.Outcome.HOLD:
-            until = max(held_until, now + decision.delay_ms)
+            # (A later refusal's Retry-After may lengthen the hold it belongs to.)
+            until = self._paused_until[row.channel] = max(held_until, now + decision.delay_ms)
             if new_hold:
                 self._holds[row.channel] = holds
-                self._paused_until[row.channel] = until
                 self.core.metrics.messages.labels(row.channel.value, Direction.OUT.value, "throttled").inc()
                 log.warning("channel_throttled", channel=row.channel.value, code=exc.code,
                             hold_ms=until - now, holds_in_a_row=holds)
