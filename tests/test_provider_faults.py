@@ -306,7 +306,7 @@ async def test_an_expired_token_pauses_whatsapp_without_burning_messages_then_re
     assert ready.status_code == 503 and "credentials rejected (190)" in ready.json()["checks"]["channels"]
     # Paused: over twenty minutes of a rejected token cost the messages none of their attempts.
     # The bound the code gives: one claim round per minute-long pause (each due row tried once,
-    # up to the outbox's 32 in flight), so 3 queued messages make ~3 requests a minute.
+    # up to the outbox's max_in_flight), so 3 queued messages make ~3 requests a minute.
     await advance(h, clock, 20 * MINUTE, step_ms=30 * SECOND)
     tries = providers.attempts["whatsapp"]
     assert tries <= 3 * 22, tries
