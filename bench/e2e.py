@@ -976,10 +976,13 @@ def rss(proc: Proc) -> dict[str, Any]:
 
 
 class CpuWatch:
-    """CPU seconds of the daemon and the simulators, and how busy both cores were, over a run."""
+    """CPU seconds of the daemon (its event loop's thread and the rest) and the simulators,
+    and how busy both cores were, over a run."""
 
     def __init__(self, daemon_pid: int, sim_pid: int, pin: Pinning) -> None:
         self.sample = servers.CpuSample(daemon_pid, pin)
+        self.daemon_pid = daemon_pid
+        self.threads0 = servers.thread_cpu_s(daemon_pid)
         self.sim_pid = sim_pid
         self.sim0 = servers._proc_cpu_s(sim_pid)
         self.me0 = _self_cpu_s()
@@ -987,6 +990,10 @@ class CpuWatch:
     def finish(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.sample.finish())
         wall = float(out["wall_s"]) or 1e-9
+        threads1 = servers.thread_cpu_s(self.daemon_pid)
+        if self.threads0 is not None and threads1 is not None:
+            out["server_loop_thread_cpu_pct"] = round(100.0 * (threads1[0] - self.threads0[0]) / wall, 1)
+            out["server_other_threads_cpu_pct"] = round(100.0 * (threads1[1] - self.threads0[1]) / wall, 1)
         sim1 = servers._proc_cpu_s(self.sim_pid)
         if self.sim0 is not None and sim1 is not None:
             out["sim_cpu_pct"] = round(100.0 * (sim1 - self.sim0) / wall, 1)
@@ -1006,10 +1013,22 @@ def cpu_ms_per_flow(run: dict[str, Any]) -> dict[str, float] | None:
     if not completed or not wall:
         return None
     out = {}
-    for who, key in (("daemon", "server_cpu_pct"), ("simulators", "sim_cpu_pct"), ("driver", "driver_cpu_pct")):
+    for who, key in (("daemon", "server_cpu_pct"), ("daemon_loop_thread", "server_loop_thread_cpu_pct"),
+                     ("daemon_other_threads", "server_other_threads_cpu_pct"),
+                     ("simulators", "sim_cpu_pct"), ("driver", "driver_cpu_pct")):
         if cpu.get(key) is not None:
             out[who] = round(cpu[key] / 100.0 * float(wall) * 1000.0 / completed, 1)
     return out
+
+
+def writes_per_flow(run: dict[str, Any]) -> dict[str, float] | None:
+    """The SQLite writer's transactions (each one fsync) and write jobs per completed flow
+    over the concurrent run: what the group commit shares, and what it cannot."""
+    writer, completed = run.get("writer") or {}, run.get("completed") or 0
+    if not completed or not writer.get("groups"):
+        return None
+    return {"commits": round(writer["groups"] / completed, 1), "jobs": round(writer["jobs"] / completed, 1),
+            "jobs_per_commit": round(writer["jobs"] / writer["groups"], 2)}
 
 
 def _self_cpu_s() -> float:

@@ -413,9 +413,18 @@ def _cpu_note(run: dict[str, Any]) -> str:
     if "sim_cpu_pct" in cpu:
         parts.append(f"simulators {cpu['sim_cpu_pct']:.0f}% + driver {cpu.get('driver_cpu_pct', 0):.0f}%"
                      f" + others {cpu.get('other_on_load_cpu_pct', 0):.0f}% on the load core")
-    per_flow = run.get("cpu_ms_per_flow") or {}
+    per_flow = dict(run.get("cpu_ms_per_flow") or {})
+    loop, others = per_flow.pop("daemon_loop_thread", None), per_flow.pop("daemon_other_threads", None)
     if per_flow:
-        parts.append("CPU per flow " + ", ".join(f"{who} {ms:.0f} ms" for who, ms in per_flow.items()))
+        shown = []
+        for who, ms in per_flow.items():
+            split = f" (event loop {loop:.0f} + other threads {others:.0f})" if who == "daemon" and loop is not None \
+                and others is not None else ""
+            shown.append(f"{who} {ms:.0f} ms{split}")
+        parts.append("CPU per flow " + ", ".join(shown))
+    writes = run.get("writes_per_flow") or {}
+    if writes:
+        parts.append(f"{writes['commits']:g} commits and {writes['jobs']:g} write jobs per flow")
     return "; " + ", ".join(parts)
 
 

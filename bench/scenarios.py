@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import e2e, servers
+from . import durability, e2e, servers
 from .servers import Pinning, Processes
 
 
@@ -136,9 +136,11 @@ class _Around:
         self.out: dict[str, Any] = {}
         self._cpu: e2e.CpuWatch | None = None
         self._spies: dict[str, e2e.Spy] = {}
+        self._writer0: dict[str, float] | None = None
 
     def before(self) -> None:
         self.out["rss_before"] = e2e.rss(self.stack.daemon)
+        self._writer0 = self._writer_counts()
         self._cpu = e2e.CpuWatch(self.stack.daemon.pid, self.stack.sim.pid, self.ctx.pin)
         if self.ctx.profile_dir is not None:
             ext = {"raw": "txt", "flamegraph": "svg", "speedscope": "json"}[self.ctx.profile_format]
@@ -149,9 +151,18 @@ class _Around:
     def after(self) -> None:
         if self._cpu is not None:
             self.out["cpu"] = self._cpu.finish()
+        writer1 = self._writer_counts()
+        if self._writer0 is not None and writer1 is not None:
+            self.out["writer"] = {k: int(writer1[k] - self._writer0[k]) for k in ("groups", "jobs")}
         self.out["rss_after"] = e2e.rss(self.stack.daemon)
         if self._spies:
             self.out["profiles"] = {who: spy.stop() for who, spy in self._spies.items()}
+
+    def _writer_counts(self) -> dict[str, float] | None:
+        try:
+            return durability.writer_counts(servers.get_text(f"{self.stack.base}/metrics"))
+        except OSError:
+            return None
 
 
 def _finish(stack: e2e.Stack, flows: list[e2e.FlowResult], settle_timeout_s: float,
@@ -187,8 +198,9 @@ def end_to_end(plan: EndToEndPlan, ctx: Context) -> dict[str, Any]:
     run = e2e.summarise(conc["results"], conc["wall_s"])
     run["not_started"] = conc["not_started"]
     run["concurrency"] = plan.concurrency
-    run.update({k: v for k, v in around.out.items() if k in ("cpu", "profiles")})
+    run.update({k: v for k, v in around.out.items() if k in ("cpu", "profiles", "writer")})
     run["cpu_ms_per_flow"] = e2e.cpu_ms_per_flow(run)
+    run["writes_per_flow"] = e2e.writes_per_flow(run)
     p99_max = plan.target_p99_ms_over_providers + plan.providers_on_path_ms
     p99 = (run.get("latency_ms") or {}).get("p99")
     met = {
@@ -282,8 +294,9 @@ def state_at_scale(plan: StateAtScalePlan, e2e_plan: EndToEndPlan, ctx: Context,
     conc = out["concurrent"]
     run = e2e.summarise(conc["results"], conc["wall_s"])
     run["not_started"] = conc["not_started"]
-    run.update({k: v for k, v in around.out.items() if k in ("cpu", "profiles")})
+    run.update({k: v for k, v in around.out.items() if k in ("cpu", "profiles", "writer")})
     run["cpu_ms_per_flow"] = e2e.cpu_ms_per_flow(run)
+    run["writes_per_flow"] = e2e.writes_per_flow(run)
     seeded_ms = seeded_single.get("latency_ms_median")
     empty_ms = empty["single"].get("latency_ms_median")
     ratio = round(seeded_ms / empty_ms, 3) if seeded_ms and empty_ms else None

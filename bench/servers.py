@@ -305,6 +305,23 @@ def _proc_cpu_s(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / _TICK  # utime + stime, all threads
 
 
+def thread_cpu_s(pid: int) -> tuple[float, float] | None:
+    """CPU seconds of ``pid``'s main thread (the daemon's event loop) and of all its other
+    threads together (the SQLite committer's fsyncs, reader threads)."""
+    main = others = 0.0
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            fields = (task / "stat").read_text().rsplit(") ", 1)[1].split()
+            seconds = (int(fields[11]) + int(fields[12])) / _TICK
+            if task.name == str(pid):
+                main += seconds
+            else:
+                others += seconds
+    except (OSError, IndexError):
+        return None
+    return main, others
+
+
 def _cpu_times() -> dict[str, tuple[int, int]]:
     """Per CPU: (busy, total) jiffies from /proc/stat."""
     out = {}
