@@ -213,7 +213,8 @@ class OutboxSettings:
     fallback_after_s: int = 0
     lease_s: int = 60
     # Sends in flight at once. Throughput is this over the provider's answer time: 96 sends
-    # at 200 ms each is 480 a second; at 32 the outbox, not the CPU, capped the bench's flows.
+    # at 200 ms each is 480 a second; 32 would cap it near 150, half of what 3,000 flows a
+    # minute (six sends each) need.
     max_in_flight: int = 96
 
 
