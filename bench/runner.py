@@ -370,7 +370,9 @@ def _versions(generator: str) -> dict[str, Any]:
     return {"python": platform.python_version(), "implementation": platform.python_implementation(),
             "packages": packages, "wrk": wrk.wrk_version(exe) if exe else None, "generator": generator,
             # The daemon's (server.event_loop "auto") and the reference's.
-            "event_loop": servers.reference_loop()}
+            "event_loop": servers.reference_loop(),
+            # The code the daemons ran (checked against this checkout at start-up).
+            "invoiceiq_path": str(servers.daemon_code())}
 
 
 def _machine(pin: Pinning) -> dict[str, Any]:
@@ -572,6 +574,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         a.generator = "wrk" if wrk.find_wrk() else "python"
     elif a.generator == "wrk" and not wrk.find_wrk():
         p.error("wrk is not installed (apt-get install -y wrk), or use --generator python")
+    code = servers.daemon_code()
+    if code != servers.REPO / "invoiceiq":
+        p.error(f"the daemon would run invoiceiq from {code}, not from this checkout ({servers.REPO}):"
+                f" its venv was made by another clone; run 'make venv' here")
     return a
 
 

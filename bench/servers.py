@@ -292,6 +292,21 @@ def start_daemon(procs: Processes, pin: Pinning, name: str, workdir: Path, sink_
     return proc, port, db
 
 
+def daemon_code() -> Path | None:
+    """Where the daemons this bench starts import ``invoiceiq`` from: the venv's Python, the
+    daemon's environment, outside the checkout (as they run). A venv made by another clone
+    (an editable install points at that clone) would run that clone's code under this one's
+    name; ``main`` refuses to start then."""
+    python = VENV_BIN / "python"
+    try:
+        done = subprocess.run([str(python) if python.exists() else sys.executable, "-c",
+                               "import invoiceiq; print(invoiceiq.__file__)"],
+                              env=clean_env(), cwd="/", capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return Path(done.stdout.strip()).resolve().parent if done.returncode == 0 and done.stdout.strip() else None
+
+
 # -- CPU accounting: is the server alone on its core? ------------------------------------------
 
 _TICK = os.sysconf("SC_CLK_TCK")

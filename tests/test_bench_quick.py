@@ -36,6 +36,7 @@ def test_quick_bench_runs_and_writes_the_json() -> None:
 
     assert report["mode"] == "quick"
     assert report["exit_status"] == 0
+    assert report["versions"]["invoiceiq_path"] == str(REPO / "invoiceiq")  # the code that ran is this
     for key in ("machine", "versions", "settings", "scenarios", "ratios", "targets", "started_at", "elapsed_s"):
         assert key in report, key
     assert report["machine"]["cpu_count"] >= 1
@@ -269,3 +270,17 @@ def test_seed_writes_rows_the_daemon_can_read(tmp_path: Path) -> None:
             assert CustomerState.from_dict(json.loads(state)).to_dict() == json.loads(state)
     finally:
         conn.close()
+
+
+def test_the_bench_refuses_a_venv_that_runs_another_clones_code(monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """A venv made by another clone (an editable install) would run that clone's daemon under
+    this checkout's commit in the report: the bench stops before measuring anything."""
+    from bench import runner, servers
+
+    assert servers.daemon_code() == REPO / "invoiceiq"
+    monkeypatch.setattr(servers, "daemon_code", lambda: Path("/elsewhere/invoiceiq"))
+    with pytest.raises(SystemExit) as exited:
+        runner.parse_args(["--quick", "--generator", "python"])
+    assert exited.value.code == 2
+    assert "would run invoiceiq from /elsewhere/invoiceiq, not from this checkout" in capsys.readouterr().err
