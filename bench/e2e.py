@@ -448,8 +448,13 @@ class Driver:
             res.error = f"{type(exc).__name__}: {exc}"
         return res
 
-    async def run(self, indices: list[int], concurrency: int, budget_s: float | None = None) -> dict[str, Any]:
-        """Run these flows, at most ``concurrency`` at a time; no new flow starts after ``budget_s``."""
+    async def run(self, indices: list[int], concurrency: int, budget_s: float | None = None,
+                  rate_per_min: float | None = None) -> dict[str, Any]:
+        """Run these flows, at most ``concurrency`` at a time (a closed loop: a flow starts when
+        one ends); no new flow starts after ``budget_s``. With ``rate_per_min``, an open loop
+        instead: flows start on a fixed schedule whatever is still running (``paced``)."""
+        if rate_per_min is not None:
+            return await paced(indices, rate_per_min, self.flow, budget_s)
         queue = list(reversed(indices))
         results: list[FlowResult] = []
         started = time.monotonic()
@@ -463,6 +468,33 @@ class Driver:
 
         await asyncio.gather(*(worker() for _ in range(max(1, min(concurrency, len(indices))))))
         return {"results": results, "wall_s": time.monotonic() - started, "not_started": len(queue)}
+
+
+async def paced(indices: list[int], rate_per_min: float, flow: Any, budget_s: float | None = None) -> dict[str, Any]:
+    """Start ``flow(i)`` for each index at ``rate_per_min``, the i-th ``i * 60 / rate`` seconds
+    after the first, however many are still running: the offered load stays the same when the
+    system slows down, so the latency is the system's at that load (a closed loop at saturation
+    only measures its own concurrency over the throughput). No start after ``budget_s``."""
+    interval = 60.0 / rate_per_min
+    results: list[FlowResult] = []
+    started = time.monotonic()
+    not_started = 0
+
+    async def one(i: int) -> None:
+        results.append(await flow(i))
+
+    tasks = []
+    for n, i in enumerate(indices):
+        due = started + n * interval
+        if budget_s is not None and due - started >= budget_s:
+            not_started = len(indices) - n
+            break
+        delay = due - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.ensure_future(one(i)))
+    await asyncio.gather(*tasks)
+    return {"results": results, "wall_s": time.monotonic() - started, "not_started": not_started}
 
 
 def summarise(results: list[FlowResult], wall_s: float) -> dict[str, Any]:
@@ -493,16 +525,19 @@ def summarise(results: list[FlowResult], wall_s: float) -> dict[str, Any]:
 
 
 async def _drive(sim_base: str, single: list[int], concurrent: list[int], concurrency: int,
-                 budget_s: float | None, flow_timeout_s: float, before: Any, after: Any) -> dict[str, Any]:
+                 budget_s: float | None, flow_timeout_s: float, before: Any, after: Any,
+                 rate_per_min: float | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"single": [], "concurrent": {"results": [], "wall_s": 0.0, "not_started": 0}}
-    async with Driver(sim_base, connections=max(concurrency, 4) * 2, flow_timeout_s=flow_timeout_s) as driver:
+    # An open loop may have many more flows out at once than a closed one: room for them.
+    connections = 512 if rate_per_min is not None else max(concurrency, 4) * 2
+    async with Driver(sim_base, connections=connections, flow_timeout_s=flow_timeout_s) as driver:
         for i in single:
             out["single"].append(await driver.flow(i))
         if concurrent:
             if before is not None:
                 before()
             try:
-                out["concurrent"] = await driver.run(concurrent, concurrency, budget_s)
+                out["concurrent"] = await driver.run(concurrent, concurrency, budget_s, rate_per_min)
             finally:
                 if after is not None:
                     after()
@@ -517,11 +552,12 @@ async def _drive(sim_base: str, single: list[int], concurrent: list[int], concur
 
 def drive(sim_base: str, *, single: Iterable[int] = (), concurrent: Iterable[int] = (), concurrency: int = 64,
           budget_s: float | None = None, flow_timeout_s: float = 300.0, before: Any = None,
-          after: Any = None) -> dict[str, Any]:
-    """Run flows one at a time (``single``), then ``concurrent`` ones ``concurrency`` at a time,
-    in one event loop; ``before``/``after`` are called around the concurrent part."""
+          after: Any = None, rate_per_min: float | None = None) -> dict[str, Any]:
+    """Run flows one at a time (``single``), then ``concurrent`` ones ``concurrency`` at a time
+    (or, with ``rate_per_min``, started at that rate), in one event loop; ``before``/``after``
+    are called around the concurrent part."""
     return asyncio.run(_drive(sim_base, list(single), list(concurrent), concurrency, budget_s, flow_timeout_s,
-                              before, after))
+                              before, after, rate_per_min))
 
 
 def single_summary(results: list[FlowResult], skip_first: bool = True) -> dict[str, Any]:

@@ -305,6 +305,7 @@ class Bench:
         a = self.args
         e2e_plan = scenarios.EndToEndPlan(
             flows=a.e2e_flows, provider_latency_ms=a.e2e_latency_ms, concurrency=a.e2e_concurrency,
+            rate_per_min=a.e2e_rate,
             callback_delay_ms=a.e2e_callback_delay_ms, status_delay_ms=a.e2e_status_delay_ms,
             sim_deliveries=a.e2e_sim_deliveries,
             single_flows=a.e2e_single, budget_s=a.e2e_budget,
@@ -335,8 +336,10 @@ class Bench:
             if name not in wanted:
                 continue
             if name == "end_to_end":
-                print(f"end_to_end: {e2e_plan.single_flows} + {e2e_plan.flows} flows, {e2e_plan.concurrency} at a "
-                      f"time, {e2e_plan.provider_latency_ms} ms provider latency ...", file=sys.stderr, flush=True)
+                pace = (f"{e2e_plan.concurrency} at a time" if e2e_plan.rate_per_min is None
+                        else f"started at {e2e_plan.rate_per_min:g} a minute")
+                print(f"end_to_end: {e2e_plan.single_flows} + {e2e_plan.flows} flows, {pace}, "
+                      f"{e2e_plan.provider_latency_ms} ms provider latency ...", file=sys.stderr, flush=True)
             else:
                 print(f"state_at_scale: {scale_plan.conversations:,} conversations + {scale_plan.invoices:,} "
                       f"invoices, {scale_plan.flows_after_start} flows ...", file=sys.stderr, flush=True)
@@ -441,7 +444,9 @@ def _flow_lines(report: dict[str, Any]) -> list[str]:
         sims = ch["at_simulators"]
         lines.append(
             f"end_to_end: {run['completed']:,}/{run['flows']:,} flows ({run.get('not_started', 0)} not started), "
-            f"{plan['concurrency']} at a time, {plan['provider_latency_ms']} ms per provider call: "
+            + (f"{plan['concurrency']} at a time, " if plan.get("rate_per_min") is None
+               else f"started at {plan['rate_per_min']:g} a minute, ")
+            + f"{plan['provider_latency_ms']} ms per provider call: "
             f"{_fmt(run.get('flows_per_minute'))} flows/min (target {plan['target_flows_per_minute']:,}), "
             f"p50 {_fmt(lat.get('p50'), 0)} ms, p99 {_fmt(lat.get('p99'), 0)} ms (target < "
             f"{e['targets']['p99_ms_max']:,} ms); one flow alone {_fmt(e['single'].get('latency_ms_median'), 0)} ms; "
@@ -535,6 +540,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="comma-separated subset; the reference runs whenever an ingest scenario does")
     p.add_argument("--e2e-flows", type=int, help="end_to_end: flows run concurrently (1000; quick 4)")
     p.add_argument("--e2e-concurrency", type=int, help="end_to_end/state_at_scale: flows at a time (64; quick 4)")
+    p.add_argument("--e2e-rate", type=float, default=None,
+                   help="end_to_end only: start this many flows a minute, however many are still running"
+                        " (an open loop: the latency at that load), instead of --e2e-concurrency at a time")
     p.add_argument("--e2e-single", type=int, help="flows run one at a time first, the first a warm-up (6; quick 2)")
     p.add_argument("--e2e-latency-ms", type=int, default=200, help="added to every provider API answer (200)")
     p.add_argument("--e2e-callback-delay-ms", type=int, help="STK callback delay after the PIN (= latency)")

@@ -63,6 +63,9 @@ class EndToEndPlan:
     flows: int = 1000
     provider_latency_ms: int = 200
     concurrency: int = 64
+    # Flows started per minute whatever is still running (an open loop), instead of
+    # ``concurrency`` at a time: None = the closed loop.
+    rate_per_min: float | None = None
     # The STK callback leaves simulated Daraja this long after the PIN: None = provider_latency_ms.
     callback_delay_ms: int | None = None
     # Status webhooks (sent, delivered) follow a send after 1x / 2x this. The simulators deliver
@@ -187,7 +190,7 @@ def end_to_end(plan: EndToEndPlan, ctx: Context) -> dict[str, Any]:
         first = E2E_FIRST + plan.single_flows
         out = e2e.drive(stack.sim_base, single=range(E2E_FIRST, first), concurrent=range(first, first + plan.flows),
                         concurrency=plan.concurrency, budget_s=plan.budget_s, flow_timeout_s=plan.flow_timeout_s,
-                        before=around.before, after=around.after)
+                        before=around.before, after=around.after, rate_per_min=plan.rate_per_min)
         flows = out["single"] + out["concurrent"]["results"]
         checks = _finish(stack, flows, plan.settle_timeout_s)
         rss_end = e2e.rss(stack.daemon)
@@ -198,6 +201,8 @@ def end_to_end(plan: EndToEndPlan, ctx: Context) -> dict[str, Any]:
     run = e2e.summarise(conc["results"], conc["wall_s"])
     run["not_started"] = conc["not_started"]
     run["concurrency"] = plan.concurrency
+    run["arrival"] = ("closed loop" if plan.rate_per_min is None
+                      else f"open loop: {plan.rate_per_min:g} flows started per minute")
     run.update({k: v for k, v in around.out.items() if k in ("cpu", "profiles", "writer")})
     run["cpu_ms_per_flow"] = e2e.cpu_ms_per_flow(run)
     run["writes_per_flow"] = e2e.writes_per_flow(run)

@@ -284,3 +284,38 @@ def test_the_bench_refuses_a_venv_that_runs_another_clones_code(monkeypatch: pyt
         runner.parse_args(["--quick", "--generator", "python"])
     assert exited.value.code == 2
     assert "would run invoiceiq from /elsewhere/invoiceiq, not from this checkout" in capsys.readouterr().err
+
+
+def test_an_open_loop_starts_flows_on_schedule_whatever_is_still_running() -> None:
+    """``--e2e-rate``: flows start at the offered rate even while earlier ones are stuck (a
+    closed loop would wait for them: here, for ever), never before their slot, none twice."""
+    import asyncio
+
+    from bench import e2e
+
+    starts: list[tuple[int, float]] = []
+    all_started = asyncio.Event()
+
+    async def flow(i: int) -> e2e.FlowResult:
+        starts.append((i, time.monotonic()))
+        if len(starts) == 5:
+            all_started.set()
+        await all_started.wait()  # every flow stays in flight until the last has started
+        return e2e.FlowResult(index=i, customer="")
+
+    async def main() -> dict[str, object]:
+        return await asyncio.wait_for(e2e.paced([10, 11, 12, 13, 14], 6000.0, flow), timeout=30)
+
+    out = asyncio.run(main())
+    assert sorted(r.index for r in out["results"]) == [10, 11, 12, 13, 14]  # type: ignore[attr-defined]
+    assert [i for i, _ in starts] == [10, 11, 12, 13, 14] and out["not_started"] == 0
+    first = starts[0][1]
+    for n, (_, at) in enumerate(starts):
+        assert at - first >= n * 0.01 - 0.001  # 6,000 a minute: one every 10 ms, none early
+
+    # A budget stops the schedule: at 60 a minute only the first of three starts within 0.5 s.
+    async def budgeted() -> dict[str, object]:
+        return await e2e.paced([1, 2, 3], 60.0, lambda i: asyncio.sleep(0, e2e.FlowResult(index=i, customer="")), budget_s=0.5)
+
+    cut = asyncio.run(budgeted())
+    assert cut["not_started"] == 2 and len(cut["results"]) == 1  # type: ignore[arg-type]
