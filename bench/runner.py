@@ -582,6 +582,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         a.generator = "wrk" if wrk.find_wrk() else "python"
     elif a.generator == "wrk" and not wrk.find_wrk():
         p.error("wrk is not installed (apt-get install -y wrk), or use --generator python")
+    if a.e2e_rate is not None and not a.e2e_rate > 0:
+        p.error("--e2e-rate must be a positive number of flows a minute")
     code = servers.daemon_code()
     if code != servers.REPO / "invoiceiq":
         p.error(f"the daemon would run invoiceiq from {code}, not from this checkout ({servers.REPO}):"
