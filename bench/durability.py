@@ -94,6 +94,12 @@ def writer_counts(text: str) -> dict[str, float]:
     return out
 
 
+def writer_delta(start: dict[str, float], end: dict[str, float]) -> dict[str, Any]:
+    """What the writer committed between two ``writer_counts``."""
+    groups, jobs = end["groups"] - start["groups"], end["jobs"] - start["jobs"]
+    return {"groups": int(groups), "jobs": int(jobs), "jobs_per_group": round(jobs / groups, 1) if groups else None}
+
+
 def verdict(*, ok_2xx: int, non_2xx: int, sent: int, repeated: int, timeouts: int, stored: dict[str, Any],
             metrics: dict[str, float], invocations: int, connections: int) -> dict[str, Any]:
     rows = stored["inbox_whatsapp_rows"]

@@ -1063,8 +1063,7 @@ def writes_per_flow(run: dict[str, Any]) -> dict[str, float] | None:
     writer, completed = run.get("writer") or {}, run.get("completed") or 0
     if not completed or not writer.get("groups"):
         return None
-    return {"commits": round(writer["groups"] / completed, 1), "jobs": round(writer["jobs"] / completed, 1),
-            "jobs_per_commit": round(writer["jobs"] / writer["groups"], 2)}
+    return {"commits": round(writer["groups"] / completed, 1), "jobs": round(writer["jobs"] / completed, 1)}
 
 
 def _self_cpu_s() -> float:

@@ -120,11 +120,6 @@ class Load:
         return record
 
 
-def _writer_delta(start: dict[str, float], end: dict[str, float]) -> dict[str, Any]:
-    groups, jobs = end["groups"] - start["groups"], end["jobs"] - start["jobs"]
-    return {"groups": int(groups), "jobs": int(jobs), "jobs_per_group": round(jobs / groups, 1) if groups else None}
-
-
 def _median(runs: list[dict[str, Any]], key: str) -> float | None:
     values = [r[key] for r in runs if r.get(key) is not None]
     return statistics.median(values) if values else None
@@ -273,7 +268,7 @@ class Bench:
                 "durability": check, "settle": settled, "database": stored, "sink": sink_stats, "flow_checks": flow,
                 "daemon_rss_kb": {"after_start": rss_start, "after_runs": rss_runs, "after_settle": rss_end},
                 # Group commit at work during the warm-up and the runs: jobs per fsync.
-                "writer_during_runs": _writer_delta(writer_start, writer_end)}
+                "writer_during_runs": durability.writer_delta(writer_start, writer_end)}
 
     @staticmethod
     def _flow_checks(sc: scenarios.IngestScenario, stored: dict[str, Any], sink: dict[str, Any],
@@ -362,7 +357,7 @@ class Bench:
 # -- report --------------------------------------------------------------------------------------
 
 
-def _versions(generator: str) -> dict[str, Any]:
+def _versions(generator: str, invoiceiq_path: Path) -> dict[str, Any]:
     packages = {}
     for name in PACKAGES:
         try:
@@ -375,7 +370,7 @@ def _versions(generator: str) -> dict[str, Any]:
             # The daemon's (server.event_loop "auto") and the reference's.
             "event_loop": servers.reference_loop(),
             # The code the daemons ran (checked against this checkout at start-up).
-            "invoiceiq_path": str(servers.daemon_code())}
+            "invoiceiq_path": str(invoiceiq_path)}
 
 
 def _machine(pin: Pinning) -> dict[str, Any]:
@@ -418,14 +413,12 @@ def _cpu_note(run: dict[str, Any]) -> str:
     if "sim_cpu_pct" in cpu:
         parts.append(f"simulators {cpu['sim_cpu_pct']:.0f}% + driver {cpu.get('driver_cpu_pct', 0):.0f}%"
                      f" + others {cpu.get('other_on_load_cpu_pct', 0):.0f}% on the load core")
-    per_flow = dict(run.get("cpu_ms_per_flow") or {})
-    loop, others = per_flow.pop("daemon_loop_thread", None), per_flow.pop("daemon_other_threads", None)
+    per_flow = run.get("cpu_ms_per_flow") or {}
     if per_flow:
-        shown = []
-        for who, ms in per_flow.items():
-            split = f" (event loop {loop:.0f} + other threads {others:.0f})" if who == "daemon" and loop is not None \
-                and others is not None else ""
-            shown.append(f"{who} {ms:.0f} ms{split}")
+        shown = [f"{who} {per_flow[who]:.0f} ms" for who in ("daemon", "simulators", "driver") if who in per_flow]
+        if "daemon_loop_thread" in per_flow and shown:
+            shown[0] += (f" (event loop {per_flow['daemon_loop_thread']:.0f}"
+                         f" + other threads {per_flow['daemon_other_threads']:.0f})")
         parts.append("CPU per flow " + ", ".join(shown))
     writes = run.get("writes_per_flow") or {}
     if writes:
@@ -584,10 +577,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("wrk is not installed (apt-get install -y wrk), or use --generator python")
     if a.e2e_rate is not None and not a.e2e_rate > 0:
         p.error("--e2e-rate must be a positive number of flows a minute")
-    code = servers.daemon_code()
-    if code != servers.REPO / "invoiceiq":
-        p.error(f"the daemon would run invoiceiq from {code}, not from this checkout ({servers.REPO}):"
-                f" its venv was made by another clone; run 'make venv' here")
+    a.invoiceiq_path = servers.daemon_code()  # a subprocess: asked once, recorded in the report
+    if a.invoiceiq_path != servers.REPO / "invoiceiq":
+        p.error(f"the daemon would run invoiceiq from {a.invoiceiq_path}, not from this checkout"
+                f" ({servers.REPO}): its venv was made by another clone; run 'make venv' here")
     return a
 
 
@@ -605,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
         "schema": 1, "mode": "quick" if args.quick else "full",
         "started_at": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(timespec="seconds"),
         "argv": [sys.executable, "-m", "bench", *(argv if argv is not None else sys.argv[1:])],
-        "machine": _machine(bench.pin), "versions": _versions(args.generator), "git": _git(),
+        "machine": _machine(bench.pin), "versions": _versions(args.generator, args.invoiceiq_path), "git": _git(),
         "settings": {"connections": args.connections, "threads": 1, "duration_s": args.duration,
                      "warmup_s": args.warmup, "runs": args.runs, "generator": args.generator,
                      "statistic": "median of the runs, each of req/s, p50 and p99 taken independently"},

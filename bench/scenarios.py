@@ -156,7 +156,7 @@ class _Around:
             self.out["cpu"] = self._cpu.finish()
         writer1 = self._writer_counts()
         if self._writer0 is not None and writer1 is not None:
-            self.out["writer"] = {k: int(writer1[k] - self._writer0[k]) for k in ("groups", "jobs")}
+            self.out["writer"] = durability.writer_delta(self._writer0, writer1)
         self.out["rss_after"] = e2e.rss(self.stack.daemon)
         if self._spies:
             self.out["profiles"] = {who: spy.stop() for who, spy in self._spies.items()}

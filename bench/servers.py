@@ -312,29 +312,27 @@ def daemon_code() -> Path | None:
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def _proc_cpu_s(pid: int) -> float | None:
+def _stat_cpu_s(stat: Path) -> float | None:
+    """utime + stime in seconds from a /proc ``stat`` file (a process's: all its threads)."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
+        fields = stat.read_text().rsplit(") ", 1)[1].split()
     except (OSError, IndexError):
         return None
-    return (int(fields[11]) + int(fields[12])) / _TICK  # utime + stime, all threads
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def _proc_cpu_s(pid: int) -> float | None:
+    return _stat_cpu_s(Path(f"/proc/{pid}/stat"))
 
 
 def thread_cpu_s(pid: int) -> tuple[float, float] | None:
     """CPU seconds of ``pid``'s main thread (the daemon's event loop) and of all its other
     threads together (the SQLite committer's fsyncs, reader threads)."""
-    main = others = 0.0
-    try:
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            fields = (task / "stat").read_text().rsplit(") ", 1)[1].split()
-            seconds = (int(fields[11]) + int(fields[12])) / _TICK
-            if task.name == str(pid):
-                main += seconds
-            else:
-                others += seconds
-    except (OSError, IndexError):
+    main = _stat_cpu_s(Path(f"/proc/{pid}/task/{pid}/stat"))
+    whole = _proc_cpu_s(pid)
+    if main is None or whole is None:
         return None
-    return main, others
+    return main, max(0.0, whole - main)
 
 
 def _cpu_times() -> dict[str, tuple[int, int]]:

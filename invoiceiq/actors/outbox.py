@@ -387,30 +387,32 @@ class OutboxActor:
             jitter=random.random(), holds_in_a_row=max(1, holds))
         reason = f"{exc.code}: {exc.reason}"
         after = _After()
-        if decision.outcome is delivery.Outcome.HOLD:
-            # (A later refusal's Retry-After may lengthen the hold it belongs to.)
-            until = self._paused_until[row.channel] = max(held_until, now + decision.delay_ms)
-            if new_hold:
-                self._holds[row.channel] = holds
-                self.core.metrics.messages.labels(row.channel.value, Direction.OUT.value, "throttled").inc()
-                log.warning("channel_throttled", channel=row.channel.value, code=exc.code,
-                            hold_ms=until - now, holds_in_a_row=holds)
-            await self.store.write(lambda tx: outbox.mark_retry(tx, row.id, reason, until, now, refund_attempt=True))
-            self._due_at(until)
-        elif decision.outcome is delivery.Outcome.PAUSE:
-            self._paused_until[row.channel] = now + decision.delay_ms
-            self.channel_problems[row.channel] = (
-                "account out of credit (405)" if out_of_credit else f"credentials rejected ({exc.code})")
-            log.error("channel_auth_failed", alert=True, channel=row.channel.value, code=exc.code,
-                      paused_s=decision.delay_ms // 1000)
+        if decision.outcome in (delivery.Outcome.HOLD, delivery.Outcome.PAUSE, delivery.Outcome.RETRY):
+            until = now + decision.delay_ms
+            if decision.outcome is delivery.Outcome.HOLD:
+                # (A later refusal's Retry-After may lengthen the hold it belongs to.)
+                until = max(held_until, until)
+                if new_hold:
+                    self._holds[row.channel] = holds
+                    self.core.metrics.messages.labels(row.channel.value, Direction.OUT.value, "throttled").inc()
+                    log.warning("channel_throttled", channel=row.channel.value, code=exc.code,
+                                hold_ms=until - now, holds_in_a_row=holds)
+            elif decision.outcome is delivery.Outcome.PAUSE:
+                self.channel_problems[row.channel] = (
+                    "account out of credit (405)" if out_of_credit else f"credentials rejected ({exc.code})")
+                log.error("channel_auth_failed", alert=True, channel=row.channel.value, code=exc.code,
+                          paused_s=decision.delay_ms // 1000)
+            else:
+                log.info("message_retry", outbox_id=row.id, channel=row.channel.value, code=exc.code,
+                         attempt=row.attempts, retry_in_ms=decision.delay_ms)
+            # The whole channel waits (a hold, a pause): not this message's fault, so it keeps
+            # the attempt; a retry waits alone and has spent one.
+            channel_waits = decision.outcome is not delivery.Outcome.RETRY
+            if channel_waits:
+                self._paused_until[row.channel] = until
             await self.store.write(lambda tx: outbox.mark_retry(
-                tx, row.id, reason, now + decision.delay_ms, now, refund_attempt=True))
-            self._due_at(now + decision.delay_ms)
-        elif decision.outcome is delivery.Outcome.RETRY:
-            log.info("message_retry", outbox_id=row.id, channel=row.channel.value, code=exc.code,
-                     attempt=row.attempts, retry_in_ms=decision.delay_ms)
-            await self.store.write(lambda tx: outbox.mark_retry(tx, row.id, reason, now + decision.delay_ms, now))
-            self._due_at(now + decision.delay_ms)
+                tx, row.id, reason, until, now, refund_attempt=channel_waits))
+            self._due_at(until)
         else:
             # FALLBACK and FAIL: ``failed`` queues the SMS when there is a way, else gives up.
             # The row records its form once a send is accepted; refused in Meta's answer, the

@@ -157,9 +157,9 @@ class Pressure:
     keeps moving at a bounded rate and never starves, and the inbox and the outbox keep it
     safe meanwhile. Urgent waiters (the payment actors, the outbox, the chat turn of a Pay
     request: a customer may be holding the phone, waiting for the PIN prompt or the receipt)
-    go before the others; each kind is first come first served. When the door is calm again everyone waiting goes at once. One timer
-    serves all the waiters (a poll per worker cost a few percent of the CPU during exactly
-    the bursts this protects).
+    go before the others; each kind is first come first served. When the door is calm again
+    everyone waiting goes at once. One timer serves all the waiters (a poll per worker cost a
+    few percent of the CPU during exactly the bursts this protects).
 
     (``admit_every_s``, 0.1 s: what background work may take during a flood is about ten
     turns a second times a turn's CPU: from a fraction of a millisecond (a customer's text
