@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -345,6 +346,36 @@ async def test_pressure_admits_waiting_jobs_one_at_a_time_in_order_then_all_when
         pressure.rate = pressure.lag_s = 0.0  # the burst is over
         await eventually(lambda: len(admitted) == 4)  # the next tick lets everyone go
     assert admitted == [0, 1, 2, 3] and pressure.deferred == 4
+
+
+async def test_pressure_one_calm_probe_under_a_flood_does_not_release_the_whole_line() -> None:
+    """Under a sustained flood the door's moving averages hover at their thresholds and a
+    probe now and then finds it calm (bench: 60-70 times in a 3 x 10 s customer flood, each
+    releasing up to 17 turns at once). Only a door calm for ``settle_s`` lets everyone go;
+    until then the tick goes on admitting one at a time."""
+    admitted: list[int] = []
+    pressure = Pressure(admit_every_s=0.02, settle_s=3600.0)
+    _busy(pressure)
+
+    async def job(n: int) -> None:
+        await pressure.yield_to_requests()
+        admitted.append(n)
+
+    async with anyio.create_task_group() as tg:
+        for n in range(10):
+            tg.start_soon(job, n)
+            await anyio.lowlevel.checkpoint()
+        await eventually(lambda: len(admitted) >= 1)
+        pressure._busy_at = asyncio.get_running_loop().time()  # a probe found it busy just now
+        pressure.rate = pressure.lag_s = 0.0  # ...and the next finds it calm
+        assert not pressure.busy
+        await eventually(lambda: len(admitted) >= 3)
+        assert len(admitted) < 10 and pressure.waiting == 10 - len(admitted)
+        pressure.admit_every_s = 3600.0  # from here, one more tick at most
+        assert pressure._busy_at is not None
+        pressure._busy_at -= pressure.settle_s  # calm long enough: the next tick lets all go
+        await eventually(lambda: len(admitted) == 10)
+    assert admitted == list(range(10))
 
 
 async def test_pressure_admits_urgent_jobs_first_each_kind_in_order() -> None:
