@@ -22,7 +22,9 @@ import pytest
 from invoiceiq.sandbox import SimConfig, Simulator
 from invoiceiq.sandbox.__main__ import prefixed
 from invoiceiq.sandbox.daraja import stk_password
-from invoiceiq.sandbox.testing import STK_CALLBACK, WA_HOOK, Harness, harness, recorder_config, running
+from invoiceiq.sandbox.testing import (
+    SMS_INBOUND, SMS_STATUS, STK_CALLBACK, WA_HOOK, Harness, harness, recorder_config, running,
+)
 from invoiceiq.sandbox.wire import nairobi_stamp
 
 pytestmark = pytest.mark.anyio
@@ -233,6 +235,29 @@ async def test_statuses_of_one_phone_stay_in_order_across_retries() -> None:
             if s["id"] == wamid
         ]
         assert statuses == ["sent", "sent", "sent", "delivered"]
+
+
+async def test_statuses_due_later_never_hold_up_what_the_phone_writes() -> None:
+    """Meta orders neither statuses among themselves nor against messages (providers/whatsapp.md
+    2.5): the statuses of our send, due in a minute, do not keep the customer's reply (a tap,
+    in the flows) waiting behind them; each message's own statuses keep their order. Africa's
+    Talking the same: a delivery report due later does not hold up the phone's next text."""
+    async with harness(recorder_config(status_delay_ms=60_000)) as h:
+        h.sim.phone_whatsapp(CUSTOMER, "hi")
+        await h.hooks(WA_HOOK, 1)
+        assert (await wa_send(h)).status_code == 200  # "sent" due in 60 s, "delivered" in 120 s
+        h.sim.phone_whatsapp(CUSTOMER, "and one more thing")
+        hooks = await h.hooks(WA_HOOK, 2)
+        value = hooks[1].json()["entry"][0]["changes"][0]["value"]
+        assert value["messages"][0]["text"] == {"body": "and one more thing"} and "statuses" not in value
+
+        sms = await h.api.post("/at/version1/messaging", data={"username": "sandbox", "to": "+" + CUSTOMER,
+                               "message": "Invoice #42"}, headers={"apiKey": "sandbox-at-api-key",
+                                                                   "Accept": "application/json"})
+        assert sms.status_code == 201  # its delivery report is due in 60 s
+        h.sim.phone_sms(CUSTOMER, "PAID")
+        (inbound,) = await h.hooks(SMS_INBOUND, 1)
+        assert inbound.form()["text"] == "PAID" and not h.recorder.on(SMS_STATUS)
 
 
 async def test_stk_callback_is_retried_on_503() -> None:

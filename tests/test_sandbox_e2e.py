@@ -682,11 +682,14 @@ def test_restart_mid_flow_and_with_a_prompt_out(daemons: dict[str, DaemonProcess
         assert pay_page_state(url) in ("prompt_out", "form")
         # The merchant asks; the invoice and its attempt are there. (This also reopens the
         # merchant's 24-hour window in the new simulated Graph API, which forgot it: without it
-        # the receipt below goes to the merchant by SMS, see the module docstring.)
+        # the receipt below goes to the merchant by SMS, see the module docstring.) The
+        # template's later statuses may have been due when the daemon stopped (the tap does
+        # not wait for them, as on Meta), and the restarted simulators forgot them.
         sb.say(MERCHANT, f"status {invoice_id}")
         status = sb.next_reply(MERCHANT, 0)["text"]
         assert re.fullmatch(rf"Invoice #{invoice_id} \(KES 2,000\) for Wanjiru \({re.escape(short(customer))}\): "
-                            rf"sent, unpaid\.\nSent by WhatsApp \((delivered|read)\), 1 payment attempt\.", status), status
+                            rf"sent, unpaid\.\nSent by WhatsApp \((sent|delivered|read)\), 1 payment attempt\.",
+                            status), status
         # The new simulated Daraja refuses the query for the request it never saw, and the
         # attempt expires; then the page offers Pay again.
         sb.wait(lambda: any(c["body"].get("CheckoutRequestID") == prompt["checkout_request_id"]

@@ -121,9 +121,9 @@ class AfricasTalkingSim:
                     ("retryCount", "0"),
                 ]
             )
-            self.outbox.post(
+            self.outbox.post(  # its own lane, as WhatsApp's statuses: never ahead of the phone's texts
                 "sms_dlr",
-                f"sms:{phone.msisdn}",
+                f"sms:{phone.msisdn}:{message_id}",
                 url,
                 report.encode("ascii"),
                 {"Content-Type": "application/x-www-form-urlencoded"},
