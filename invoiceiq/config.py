@@ -190,6 +190,10 @@ class MpesaSettings:
     push_min_interval_s: int = 60
     push_limit: int = 3
     push_window_s: int = 600
+    # Payment turns at once (an STK Push, a status query or a callback each): a push holds its
+    # turn for Daraja's answer, so pushes per second = this / that answer time. 16 at 200 ms
+    # capped a campaign near 80 a second with the callbacks and queries sharing them (bench/README).
+    max_in_flight: int = 64
 
     @property
     def callback_allow_networks(self) -> tuple[IPNetwork, ...]:
@@ -746,6 +750,7 @@ _VALIDATORS: Final[Mapping[str, _Validator]] = {
     "outbox.fallback_after_s": _at_least(0),
     "outbox.lease_s": _at_least(15),
     "outbox.max_in_flight": _between(1, 1000),
+    "mpesa.max_in_flight": _between(1, 1000),
     "metrics.token": _token(),
     "log.level": _one_of("debug", "info", "warning", "error", fold_case=True),
     "sandbox.latency_ms": _at_least(0),

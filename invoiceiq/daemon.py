@@ -54,10 +54,6 @@ from .web.context import Services
 
 log = get_logger(__name__)
 
-# Provider connections kept beyond the outbox's sends in flight (``_make_http``).
-PAYMENT_CONNECTIONS = 32
-
-
 class BindError(Exception):
     """The listening address is taken or not ours: told in one line, like a config error."""
 
@@ -222,7 +218,8 @@ class Daemon:
                 created, sent, paid = await self.store.scan(invoices.totals)
                 self.metrics.set_totals(created, sent, paid)
                 owns_http = self._http is None
-                http = self._http or _make_http(self.settings.outbox.max_in_flight)
+                http = self._http or _make_http(self.settings.outbox.max_in_flight,
+                                                self.settings.mpesa.max_in_flight)
                 try:
                     await self._run_services(http, sockets, hypercorn_config)
                 finally:
@@ -293,7 +290,7 @@ class Daemon:
         # holding the phone for the PIN prompt or the receipt). A WhatsApp tap is the chat's
         # turn first: the session actor hands it over.
         registry = Registry("payment", payment.handle, idle_s=self._idle_s, metrics=self.metrics,
-                            pressure=self.pressure, urgent=True)
+                            pressure=self.pressure, urgent=True, workers=m.max_in_flight)
         self.dispatch.registries["payment"] = registry
         tg_supervisor.start("registry:payment", registry.run)
         self.scheduler = scheduler = Scheduler(store=self.store, clock=self.clock, kick=self.dispatch.kick,
@@ -422,12 +419,12 @@ class Daemon:
             await anyio.sleep(interval)
 
 
-def _make_http(sends_in_flight: int) -> httpx.AsyncClient:
+def _make_http(sends_in_flight: int, payments_in_flight: int) -> httpx.AsyncClient:
     from .gateways.http import make_client
 
-    # Room beyond the outbox's sends for the payment actors' calls (16 workers: STK Push,
-    # status queries, OAuth tokens), so that a full outbox never makes a payment wait.
-    return make_client(max_connections=sends_in_flight + PAYMENT_CONNECTIONS)
+    # A connection for every send in flight and every payment turn (each makes one call at a
+    # time: an STK Push, a status query, an OAuth token), so that neither waits for the other.
+    return make_client(max_connections=sends_in_flight + payments_in_flight)
 
 
 def _version() -> str:

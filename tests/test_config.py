@@ -475,6 +475,7 @@ FILE_CASES = [
     ),
     ("[outbox]\nmax_attempts = 0", "config: outbox.max_attempts: must be a positive integer"),
     ("[outbox]\nmax_in_flight = 0", "config: outbox.max_in_flight: must be between 1 and 1000"),
+    ("[mpesa]\nmax_in_flight = 1001", "config: mpesa.max_in_flight: must be between 1 and 1000"),
     ('[log]\nlevel = "verbose"', 'config: log.level: must be "debug", "info", "warning" or "error"'),
     ('mode = "production"', 'config: mode: must be "sandbox" or "live"'),
     ("mode = true", "config: mode: must be a string"),

@@ -988,9 +988,10 @@ async def _at_len(items: list[str], n: int) -> bool:
 def test_the_daemons_provider_client_has_a_connection_for_every_send_and_the_payments() -> None:
     """Fewer pooled connections than sends in flight would cap the outbox below its setting
     silently (the extra sends queue for a connection, their time counting against their
-    timeout): the daemon's client holds ``max_in_flight`` plus room for the payment calls."""
-    from invoiceiq.daemon import PAYMENT_CONNECTIONS, _make_http
+    timeout): the daemon's client holds ``outbox.max_in_flight`` plus one connection for each
+    payment turn (``mpesa.max_in_flight``)."""
+    from invoiceiq.daemon import _make_http
 
-    http = _make_http(7)
+    http = _make_http(7, 5)
     pool = http._transport._pool  # type: ignore[attr-defined]
-    assert pool._max_connections == pool._max_keepalive_connections == 7 + PAYMENT_CONNECTIONS
+    assert pool._max_connections == pool._max_keepalive_connections == 12

@@ -1159,6 +1159,51 @@ class GatedDaraja(FakeDaraja):
         router.post(f"{DARAJA}/mpesa/stkpush/v1/processrequest").mock(side_effect=held)
 
 
+async def test_no_more_payment_turns_at_once_than_mpesa_max_in_flight(database_url: str, clock: ManualClock) -> None:
+    """A push holds its payment turn until Daraja answers, so ``mpesa.max_in_flight`` is how
+    many pushes wait on Daraja at once: with every answer held, five customers' taps reach it
+    three at a time (not all five, nor the sixteen of the old fixed pool), and all five
+    prompts go out once it answers."""
+    peak = {"now": 0, "max": 0}
+
+    class HeldDaraja(FakeDaraja):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate = anyio.Event()
+
+        def install(self, router: respx.Router) -> None:
+            super().install(router)
+
+            async def held(request: httpx.Request) -> httpx.Response:
+                peak["now"] += 1
+                peak["max"] = max(peak["max"], peak["now"])
+                try:
+                    await self.gate.wait()
+                finally:
+                    peak["now"] -= 1
+                return self._push(request)
+
+            router.post(f"{DARAJA}/mpesa/stkpush/v1/processrequest").mock(side_effect=held)
+
+    daraja = HeldDaraja()
+    customers = [f"25471234560{n}" for n in range(5)]
+    settings = make_settings(database_url, INVOICEIQ_MPESA_MAX_IN_FLIGHT="3")
+    async with running_daemon(settings, providers=FakeProviders(daraja=daraja), clock=clock) as h:
+        for n, msisdn in enumerate(customers):
+            await new_invoice(h, invoice_id=str(1001 + n), phone="0" + msisdn[3:], msisdn=msisdn)
+        for n, msisdn in enumerate(customers):
+            await h.tap(msisdn, f"pay_now:{1001 + n}")
+        payments = h.daemon.dispatch.registries["payment"]
+        # All five payment actors have their turn waiting; three of them hold a worker.
+        await wait_until(h, lambda: peak["now"] == 3 and len(payments) == 5, "three pushes waiting on Daraja")
+        assert payments.busy == 3 and peak == {"now": 3, "max": 3}
+        daraja.gate.set()
+        await wait_until(h, lambda: len(daraja.pushes) == 5, "all five pushes")
+        await settle(h)
+    assert peak["max"] == 3
+    assert sorted(str(p["PhoneNumber"]) for p in daraja.pushes) == customers
+
+
 async def test_success_callback_before_the_push_answer_is_adopted(database_url: str, clock: ManualClock) -> None:
     daraja = GatedDaraja()
     providers = FakeProviders(daraja=daraja)
