@@ -260,27 +260,32 @@ async def test_statuses_due_later_never_hold_up_what_the_phone_writes() -> None:
         assert inbound.form()["text"] == "PAID" and not h.recorder.on(SMS_STATUS)
 
 
+async def stk_push(h: Harness) -> httpx.Response:
+    """A valid STK Push for CUSTOMER, account INV1, KES 10."""
+    bearer = (await oauth(h)).json()["access_token"]
+    stamp = nairobi_stamp(h.sim.now())
+    body = {
+        "BusinessShortCode": "174379",
+        "Password": stk_password("174379", h.sim.config.daraja_passkey, stamp),
+        "Timestamp": stamp,
+        "TransactionType": "CustomerPayBillOnline",
+        "Amount": 10,
+        "PartyA": CUSTOMER,
+        "PartyB": "174379",
+        "PhoneNumber": CUSTOMER,
+        "CallBackURL": "http://daemon.test" + STK_CALLBACK,
+        "AccountReference": "INV1",
+        "TransactionDesc": "x",
+    }
+    return await h.api.post(
+        "/daraja/mpesa/stkpush/v1/processrequest", json=body, headers={"Authorization": f"Bearer {bearer}"}
+    )
+
+
 async def test_stk_callback_is_retried_on_503() -> None:
     async with harness() as h:
         h.recorder.script(STK_CALLBACK, 503)
-        bearer = (await oauth(h)).json()["access_token"]
-        stamp = nairobi_stamp(h.sim.now())
-        body = {
-            "BusinessShortCode": "174379",
-            "Password": stk_password("174379", h.sim.config.daraja_passkey, stamp),
-            "Timestamp": stamp,
-            "TransactionType": "CustomerPayBillOnline",
-            "Amount": 10,
-            "PartyA": CUSTOMER,
-            "PartyB": "174379",
-            "PhoneNumber": CUSTOMER,
-            "CallBackURL": "http://daemon.test" + STK_CALLBACK,
-            "AccountReference": "INV1",
-            "TransactionDesc": "x",
-        }
-        r = await h.api.post(
-            "/daraja/mpesa/stkpush/v1/processrequest", json=body, headers={"Authorization": f"Bearer {bearer}"}
-        )
+        r = await stk_push(h)
         h.sim.stk_answer(r.json()["CheckoutRequestID"], "cancel")
         first, second = await h.hooks(STK_CALLBACK, 2)
         assert first.body == second.body
@@ -318,6 +323,19 @@ async def test_state_long_poll_returns_when_something_happens() -> None:
         assert result["phones"][0]["thread"][0]["text"] == "ping"
         r = await h.api.get(f"/api/state?since={result['seq']}&wait=0.1")
         assert r.json()["events"] == []
+
+
+async def test_events_name_the_message_and_the_checkout_they_are_about() -> None:
+    """A load driver (bench/e2e.py) taps the template and pays the prompt from the event log
+    alone: ``wa.out`` carries the message's wamid, ``stk.prompt`` the CheckoutRequestID."""
+    async with harness() as h:
+        h.sim.phone_whatsapp(CUSTOMER, "hi")
+        wamid = (await wa_send(h)).json()["messages"][0]["id"]
+        checkout = (await stk_push(h)).json()["CheckoutRequestID"]
+        events = (await h.api.get("/api/state")).json()["events"]
+        refs = [(e["kind"], e["msisdn"], e["ref"]) for e in events if e["kind"] in ("wa.in", "wa.out", "stk.prompt")]
+        assert refs == [("wa.in", CUSTOMER, None), ("wa.out", CUSTOMER, wamid), ("stk.prompt", CUSTOMER, checkout)]
+        assert events[-1]["summary"].endswith(", account INV1")  # the driver's invoice number
 
 
 async def test_events_never_carry_secrets() -> None:

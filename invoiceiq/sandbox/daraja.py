@@ -229,6 +229,7 @@ class DarajaSim:
             "stk.prompt",
             f"M-PESA PIN prompt on {msisdn}: KES {amount:,} to {self.config.daraja_business_name}, account {reference}",
             msisdn,
+            ref=checkout_id,
         )
         return Reply.json(
             200,

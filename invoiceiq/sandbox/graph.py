@@ -504,7 +504,8 @@ class WhatsAppSim:
             delivered_conversation = {k: v for k, v in conversation.items() if k != "expiration_timestamp"}
             self._post_status(phone, message, "delivered", 2, conversation=delivered_conversation, pricing=pricing)
             label = f"template {out.template}" if out.template else out.type
-            self.world.log("wa.out", f"WhatsApp {label} to {phone.msisdn}: {_preview(out.text)}", phone.msisdn)
+            self.world.log("wa.out", f"WhatsApp {label} to {phone.msisdn}: {_preview(out.text)}", phone.msisdn,
+                           ref=wamid)
         return wamid
 
     def _fail(self, phone: Phone, message: ChatMessage, error: tuple[int, str, str]) -> None:

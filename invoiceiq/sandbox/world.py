@@ -101,6 +101,7 @@ class Event:
     kind: str
     summary: str
     msisdn: str | None = None
+    ref: str | None = None  # what the event is about: a wamid (wa.out), a CheckoutRequestID (stk.prompt)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,9 +166,9 @@ class World:
         return found
 
     # -- log and journal ------------------------------------------------------------------
-    def log(self, kind: str, summary: str, msisdn: str | None = None) -> Event:
+    def log(self, kind: str, summary: str, msisdn: str | None = None, ref: str | None = None) -> Event:
         self.seq += 1
-        event = Event(self.seq, self._now(), kind, summary, msisdn)
+        event = Event(self.seq, self._now(), kind, summary, msisdn, ref)
         self.events.append(event)
         self._on_change()
         return event
