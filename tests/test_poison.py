@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from harness import MERCHANT, make_settings, running_daemon
@@ -35,5 +37,12 @@ async def test_a_poisoned_message_is_set_aside_and_the_chat_goes_on(
         rows = await h.store.read(dead)
         assert '"boom"' in rows[0][0] and rows[0][1:] == (session_module.POISON_AFTER, 1)
         assert rows[1][1:] == (0, 0)
+        # Both messages have their message_log row, once: the applied one from its turn, the
+        # dead-lettered one from being set aside (no crashed attempt left one behind).
+        logged = await h.store.read(lambda tx: tx.all(
+            "SELECT payload FROM message_log WHERE direction = 'IN' AND event = 'inbound' ORDER BY created_at, id"))
+        texts = sorted(json.loads(r["payload"])["text"] if isinstance(r["payload"], str) else r["payload"]["text"]
+                       for r in logged)
+        assert texts == ["boom", "unpaid"]
         # Every crash was counted as an actor restart.
         assert h.daemon.metrics.actor_restarts.labels("session")._value.get() >= session_module.POISON_AFTER

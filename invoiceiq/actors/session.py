@@ -44,7 +44,9 @@ from ..core.customer import (
 )
 from ..core.model import Channel, Invoice, InvoiceStatus, kes_to_cents
 from ..observability import Metrics, get_logger
-from ..store import Conflict, Store, StoreError, Tx, conversations, customers, inbox, invoices, outbox, payments
+from ..store import (
+    Conflict, Store, StoreError, Tx, conversations, customers, inbox, invoices, messages, outbox, payments,
+)
 from ..store.inbox import InboxEvent
 from . import effects
 
@@ -142,7 +144,11 @@ class SessionActor:
             return
 
         async def job(tx: Tx) -> InboxEvent | None:
-            return await inbox.record_failure(tx, ACTOR, key, self.clock.now_ms(), give_up_after=POISON_AFTER)
+            dead = await inbox.record_failure(tx, ACTOR, key, self.clock.now_ms(), give_up_after=POISON_AFTER)
+            if dead is not None and dead.source == "whatsapp":
+                # Never applied, but received: its message_log row all the same.
+                await messages.log_whatsapp_in(tx, dead.event_id, dead.payload)
+            return dead
 
         dead = await self.store.write(job)
         if dead is not None:
@@ -190,10 +196,13 @@ class SessionActor:
         await conversations.save(tx, row, customer.to_dict(), None, now)
 
     async def _opened_window(self, tx: Tx, key: str, event: InboxEvent) -> None:
-        """A WhatsApp message opens that person's 24-hour window (templates are needed after)."""
+        """A WhatsApp message opens that person's 24-hour window (templates are needed after),
+        and gets its message_log row now that it is applied (web/whatsapp.py; an SMS has
+        its row from the webhook)."""
         log.info("message_received", channel=event.source, kind=event.kind, msisdn=key,
                  role=self.role_of(key), inbox_seq=event.seq)
         if event.source == "whatsapp":
+            await messages.log_whatsapp_in(tx, event.event_id, event.payload)
             stamp = event.payload.get("timestamp_s")
             await customers.touch_inbound(tx, key, window_start_ms(stamp if isinstance(stamp, int) else None,
                                                                    event.received_at_ms))

@@ -32,6 +32,12 @@ async def log_message(
     return row_id
 
 
+async def log_whatsapp_in(tx: Tx, wamid: str, stored: dict[str, Any], event: str = "inbound") -> str:
+    """The row of a WhatsApp message received: its wamid and what the inbox keeps of it."""
+    return await log_message(tx, channel=Channel.WHATSAPP, direction=Direction.IN, event=event,
+                             payload={"wamid": wamid, **stored})
+
+
 async def for_invoice(tx: Tx, invoice_id: str) -> list[dict[str, Any]]:
     return await tx.all(
         "SELECT id, channel, direction, event, payload, created_at FROM message_log"

@@ -3,8 +3,9 @@
 * ``GET``: Meta's subscription handshake (the verify token) -> the challenge, else 403.
 * ``POST``: the ``X-Hub-Signature-256`` HMAC over the raw bytes, compared in constant time;
   missing or wrong -> 401 and nothing stored. Every message and status is stored in the
-  inbox (deduplicated by its id) and logged, in one transaction, before the 200: if the
-  database cannot take it we answer 503 so that Meta retries. A body that verifies but that we
+  inbox (deduplicated by its id), in one transaction, before the 200: if the database cannot
+  take it we answer 503 so that Meta retries. Its message_log row is written by whoever
+  applies it (the session actor, the delivery tracker; here for what needs no actor). A body that verifies but that we
   do not understand is logged and answered 200 (Meta retries non-2xx for days).
 """
 
@@ -16,7 +17,6 @@ from quart import Blueprint, Response, request
 
 from ..core.customer import asks_to_pay
 from ..core.delivery import window_start_ms
-from ..core.model import Channel, Direction
 from ..gateways import whatsapp as wa
 from ..observability import get_logger
 from ..store import StoreError, Tx, customers, inbox, messages
@@ -102,19 +102,22 @@ async def _store(tx: Tx, batch: wa.WebhookBatch, now: int) -> tuple[list[str], l
             log.info("webhook_duplicate", provider="whatsapp", kind=m.kind)
             continue
         event = "inbound" if m.from_msisdn else "inbound_without_phone"
-        await messages.log_message(tx, channel=Channel.WHATSAPP, direction=Direction.IN, event=event,
-                                   payload={"wamid": m.id, **payload})
         counts.append(event)
         if not m.from_msisdn:
             # No number to answer, invoice or open a 24-hour window for: stored (so that Meta's
             # retries are recognised) and logged, but already processed, so no session work.
+            await messages.log_whatsapp_in(tx, m.id, payload, event)
             await inbox.mark_processed(tx, seq, now)
             log.info("message_without_phone_ignored", kind=m.kind)
         elif m.kind in ACTIONABLE and m.text is not None:
-            # The session actor records the opened 24-hour window when it takes the message.
+            # The session actor logs the message and records the opened 24-hour window when it
+            # applies it (as the delivery tracker logs a status): before the 200 only what
+            # acknowledging needs, the inbox row (bench/README: the log row was a tenth of a
+            # webhook's CPU in the daemon's own code).
             sessions[m.from_msisdn] = None
         else:
             # Not for the bot, but the customer wrote: their 24-hour window opens all the same.
+            await messages.log_whatsapp_in(tx, m.id, payload, event)
             await customers.touch_inbound(tx, m.from_msisdn, window_start_ms(m.timestamp_s, now))
             await inbox.mark_processed(tx, seq, now)
             log.info("message_kind_ignored", kind=m.kind)
