@@ -331,8 +331,7 @@ class Bench:
             if name not in wanted:
                 continue
             if name == "end_to_end":
-                pace = (f"{e2e_plan.concurrency} at a time" if e2e_plan.rate_per_min is None
-                        else f"started at {e2e_plan.rate_per_min:g} a minute")
+                pace = scenarios.pace(e2e_plan.concurrency, e2e_plan.rate_per_min)
                 print(f"end_to_end: {e2e_plan.single_flows} + {e2e_plan.flows} flows, {pace}, "
                       f"{e2e_plan.provider_latency_ms} ms provider latency ...", file=sys.stderr, flush=True)
             else:
@@ -437,9 +436,8 @@ def _flow_lines(report: dict[str, Any]) -> list[str]:
         sims = ch["at_simulators"]
         lines.append(
             f"end_to_end: {run['completed']:,}/{run['flows']:,} flows ({run.get('not_started', 0)} not started), "
-            + (f"{plan['concurrency']} at a time, " if plan.get("rate_per_min") is None
-               else f"started at {plan['rate_per_min']:g} a minute, ")
-            + f"{plan['provider_latency_ms']} ms per provider call: "
+            f"{scenarios.pace(plan['concurrency'], plan.get('rate_per_min'))}, "
+            f"{plan['provider_latency_ms']} ms per provider call: "
             f"{_fmt(run.get('flows_per_minute'))} flows/min (target {plan['target_flows_per_minute']:,}), "
             f"p50 {_fmt(lat.get('p50'), 0)} ms, p99 {_fmt(lat.get('p99'), 0)} ms (target < "
             f"{e['targets']['p99_ms_max']:,} ms); one flow alone {_fmt(e['single'].get('latency_ms_median'), 0)} ms; "

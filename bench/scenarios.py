@@ -126,6 +126,11 @@ SCALE_FIRST = 500_000
 BASELINE_FIRST = 900_000
 
 
+def pace(concurrency: int, rate_per_min: float | None) -> str:
+    """How the flows arrive, for the report's lines: a closed loop or an open one."""
+    return f"{concurrency} at a time" if rate_per_min is None else f"started at {rate_per_min:g} a minute"
+
+
 def _sim(plan: EndToEndPlan) -> e2e.SimSettings:
     return e2e.SimSettings(latency_ms=plan.provider_latency_ms, callback_delay_ms=plan.callback_delay_ms,
                            status_delay_ms=plan.status_delay_ms, delivery_concurrency=plan.sim_deliveries)

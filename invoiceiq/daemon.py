@@ -54,6 +54,7 @@ from .web.context import Services
 
 log = get_logger(__name__)
 
+
 class BindError(Exception):
     """The listening address is taken or not ours: told in one line, like a config error."""
 

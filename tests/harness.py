@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import inspect
 import itertools
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -370,13 +371,18 @@ async def serving(daemon: Daemon) -> AsyncIterator[httpx.AsyncClient]:
                 daemon.request_shutdown()
 
 
-async def until(check: Callable[[], Awaitable[T | None]], what: str, timeout: float = 10.0) -> T:
-    """Poll ``check`` until it returns something true (returned); fail naming ``what`` at the deadline."""
+async def until(check: Callable[[], Awaitable[T | None] | T | None], what: str, timeout: float = 10.0) -> T:
+    """Poll ``check`` (plain, or async: a database read) until it returns something true
+    (returned); fail naming ``what`` at the deadline."""
     try:
         with anyio.fail_after(timeout):
-            while not (result := await check()):
+            while True:
+                result = check()
+                if inspect.isawaitable(result):
+                    result = await result
+                if result:
+                    return result  # type: ignore[return-value]
                 await anyio.sleep(0.01)
-            return result
     except TimeoutError:
         raise AssertionError(f"timed out waiting for {what}") from None
 

@@ -928,7 +928,6 @@ async def test_a_retry_scheduled_while_the_next_due_time_is_read_is_not_hidden_b
     assert Reader.reads == 2
 
 
-
 async def test_no_more_sends_are_in_flight_than_outbox_max_in_flight(database_url: str, clock: ManualClock) -> None:
     """``outbox.max_in_flight`` is how many sends wait on the provider at once: with the Graph
     API holding every answer, eight queued sends to eight recipients reach it three at a time
@@ -965,7 +964,7 @@ async def test_no_more_sends_are_in_flight_than_outbox_max_in_flight(database_ur
 
             await daemon.store.write(queue)
             daemon.dispatch.wake("outbox")
-            await until(lambda: _at(state, 3), "three sends waiting on the provider")
+            await until(lambda: state["now"] >= 3, "three sends waiting on the provider")
             # The outbox claims as many rows as it has free slots in one statement, before
             # the sends start: had the limit not held, all eight would be claimed already.
             claimed = await daemon.store.read(lambda tx: tx.all(
@@ -973,16 +972,8 @@ async def test_no_more_sends_are_in_flight_than_outbox_max_in_flight(database_ur
             assert [(r["status"], r["n"]) for r in claimed] == [("PENDING", 5), ("SENDING", 3)]
             assert state["peak"] == 3
             held.set()
-            await until(lambda: _at_len(seen, 8), "all eight sends")
+            await until(lambda: len(seen) == 8, "all eight sends")
     assert sorted(seen) == recipients and state["peak"] == 3
-
-
-async def _at(state: dict[str, int], n: int) -> bool:
-    return state["now"] >= n
-
-
-async def _at_len(items: list[str], n: int) -> bool:
-    return len(items) >= n
 
 
 def test_the_daemons_provider_client_has_a_connection_for_every_send_and_the_payments() -> None:

@@ -160,8 +160,9 @@ class Pressure:
     go before the others; each kind is first come first served. When the door has been calm
     for ``settle_s`` everyone waiting goes at once: under a sustained flood the averages hover
     at their thresholds, and a single calm probe (60-70 in a 3 x 10 s customer flood) used to
-    release the whole line, up to 17 turns at once (bench/README). One timer serves all the waiters (a poll per worker cost a
-    few percent of the CPU during exactly the bursts this protects).
+    release the whole line, up to 17 turns at once (bench/README). One timer serves all the
+    waiters (a poll per worker cost a few percent of the CPU during exactly the bursts this
+    protects).
 
     (``admit_every_s``, 0.1 s: what background work may take during a flood is about ten
     turns a second times a turn's CPU: from a fraction of a millisecond (a customer's text

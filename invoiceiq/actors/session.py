@@ -170,7 +170,7 @@ class SessionActor:
             for event in events:
                 if not await inbox.mark_processed(tx, event.seq, now):
                     continue
-                await self._opened_window(tx, key, event)
+                await self._received(tx, key, event)
                 text = str(event.payload.get("text") or "")
                 merchant = await self._merchant_step(tx, key, merchant, Message(text), now, after)
                 changed = True
@@ -189,16 +189,16 @@ class SessionActor:
         for event in events:
             if not await inbox.mark_processed(tx, event.seq, now):
                 continue
-            await self._opened_window(tx, key, event)
+            await self._received(tx, key, event)
             text = str(event.payload.get("text") or "")
             channel = Channel.SMS if event.payload.get("channel") == Channel.SMS.value else Channel.WHATSAPP
             customer = await self._customer_step(tx, key, customer, text, event.event_id, channel, now, after)
         await conversations.save(tx, row, customer.to_dict(), None, now)
 
-    async def _opened_window(self, tx: Tx, key: str, event: InboxEvent) -> None:
-        """A WhatsApp message opens that person's 24-hour window (templates are needed after),
-        and gets its message_log row now that it is applied (web/whatsapp.py; an SMS has
-        its row from the webhook)."""
+    async def _received(self, tx: Tx, key: str, event: InboxEvent) -> None:
+        """A message taken: logged; a WhatsApp one gets its message_log row now that it is
+        applied (web/whatsapp.py; an SMS has its row from the webhook) and opens that
+        person's 24-hour window (templates are needed after)."""
         log.info("message_received", channel=event.source, kind=event.kind, msisdn=key,
                  role=self.role_of(key), inbox_seq=event.seq)
         if event.source == "whatsapp":

@@ -542,7 +542,8 @@ class WhatsAppSim:
         # One lane per message: its statuses go out in order (sent, delivered, read), and none of
         # them, due later, holds up what the phone writes meanwhile. Meta orders neither
         # (providers/whatsapp.md 2.5); one lane per phone put a tap behind its template's "read",
-        # about 200 ms of every bench flow, and made a merchant's hundreds of confirmations a single queue.
+        # about 200 ms of every bench flow, and a merchant's messages behind the statuses of
+        # hundreds of confirmations.
         self._post(f"wa:{phone.msisdn}:{message.id}", {"statuses": [entry]}, f"status {status} for {message.id}",
                    self._step_s * steps)
 

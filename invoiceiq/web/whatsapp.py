@@ -5,8 +5,9 @@
   missing or wrong -> 401 and nothing stored. Every message and status is stored in the
   inbox (deduplicated by its id), in one transaction, before the 200: if the database cannot
   take it we answer 503 so that Meta retries. Its message_log row is written by whoever
-  applies it (the session actor, the delivery tracker; here for what needs no actor). A body that verifies but that we
-  do not understand is logged and answered 200 (Meta retries non-2xx for days).
+  applies it (the session actor, the delivery tracker; here for what needs no actor). A body
+  that verifies but that we do not understand is logged and answered 200 (Meta retries
+  non-2xx for days).
 """
 
 from __future__ import annotations
@@ -103,24 +104,21 @@ async def _store(tx: Tx, batch: wa.WebhookBatch, now: int) -> tuple[list[str], l
             continue
         event = "inbound" if m.from_msisdn else "inbound_without_phone"
         counts.append(event)
-        if not m.from_msisdn:
-            # No number to answer, invoice or open a 24-hour window for: stored (so that Meta's
-            # retries are recognised) and logged, but already processed, so no session work.
-            await messages.log_whatsapp_in(tx, m.id, payload, event)
-            await inbox.mark_processed(tx, seq, now)
-            log.info("message_without_phone_ignored", kind=m.kind)
-        elif m.kind in ACTIONABLE and m.text is not None:
+        if m.from_msisdn and m.kind in ACTIONABLE and m.text is not None:
             # The session actor logs the message and records the opened 24-hour window when it
             # applies it (as the delivery tracker logs a status): before the 200 only what
             # acknowledging needs, the inbox row (bench/README: the log row was a tenth of a
             # webhook's CPU in the daemon's own code).
             sessions[m.from_msisdn] = None
-        else:
-            # Not for the bot, but the customer wrote: their 24-hour window opens all the same.
-            await messages.log_whatsapp_in(tx, m.id, payload, event)
+            continue
+        # No session work: applied here, so logged here. Without a number there is nobody to
+        # answer, invoice or open a 24-hour window for (stored so that Meta's retries are
+        # recognised); a kind not for the bot still opens the customer's window.
+        await messages.log_whatsapp_in(tx, m.id, payload, event)
+        if m.from_msisdn:
             await customers.touch_inbound(tx, m.from_msisdn, window_start_ms(m.timestamp_s, now))
-            await inbox.mark_processed(tx, seq, now)
-            log.info("message_kind_ignored", kind=m.kind)
+        await inbox.mark_processed(tx, seq, now)
+        log.info("message_kind_ignored" if m.from_msisdn else "message_without_phone_ignored", kind=m.kind)
     for s in batch.statuses:
         first = s.errors[0] if s.errors else None
         payload = {"status": s.status, "recipient": s.recipient, "timestamp_s": s.timestamp_s,
